@@ -1,0 +1,1 @@
+"""personabot fine-tuning: persona data -> QLoRA adapter bundle."""
