@@ -1,0 +1,141 @@
+"""The adapter bundle: PEFT adapter files + ``persona.json``. The one contract between finetune and bot."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .persona import Sampling
+
+MANIFEST = "persona.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed or built for another base model; the message names the path."""
+
+
+class LoraInfo(BaseModel):
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | str
+
+
+class Manifest(BaseModel):
+    """What the bot needs to serve an adapter exactly as it was trained."""
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    description: str = ""
+    base_model: str = Field(description="portable identity of the base, e.g. a hub id or GGUF file name")
+    base_model_spec: str = Field(description="what the trainer was given: hub id, folder or .gguf path")
+    base_fingerprint: dict[str, int | str]
+    chat_template: str
+    system_prompt: str
+    sampling: Sampling
+    lora: LoraInfo
+    data_hash: str
+    training: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    created: str = ""
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("personabot", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a sibling temp folder, then swap it in with renames.
+
+    A crash at any point leaves either the previous bundle or the new one at ``out_dir``, never a mix;
+    leftovers are ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings the bot never looks at.
+    """
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_bundle(model: Any, tokenizer: Any, manifest: Manifest, out_dir: str | Path) -> Path:
+    """Write PEFT files, the tokenizer and the manifest to ``out_dir`` atomically."""
+    manifest = manifest.model_copy(
+        update={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+    )
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    return write_atomically(out_dir, write)
+
+
+def load_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and validate a bundle's manifest; errors name the file and the field."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"{root}: adapter bundle folder not found")
+    missing = [f for f in (*ADAPTER_FILES, MANIFEST) if not (root / f).is_file()]
+    if missing:
+        raise BundleError(f"{root}: not an adapter bundle, missing {', '.join(missing)}")
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{path}: field '{field}': {first['msg']}") from exc
+    if manifest.format_version > FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {manifest.format_version} is newer than this personabot")
+    return manifest
+
+
+def check_compatible(manifest: Manifest, bundle_dir: str | Path, base_name: str, fingerprint: dict) -> None:
+    """Refuse a bundle trained on another base model: same identity and the same shape are required."""
+    if manifest.base_model != base_name:
+        raise BundleError(
+            f"{bundle_dir}: trained on base model '{manifest.base_model}', but this engine serves '{base_name}'"
+        )
+    diff = {k: (v, fingerprint.get(k)) for k, v in manifest.base_fingerprint.items() if fingerprint.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: bundle {a} vs served {b}" for k, (a, b) in diff.items())
+        raise BundleError(f"{bundle_dir}: base model shape differs ({shown})")

@@ -1,0 +1,101 @@
+"""Training recipe config: a YAML file plus ``--set key=value`` overrides, validated field by field."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .conversation import DataError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DataSettings(_Strict):
+    max_seq_len: int = Field(1024, gt=8)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    packing: bool = True
+    chat_template: str | None = Field(None, description="Jinja template; default: the base tokenizer's own")
+
+
+class TrainSettings(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(8, gt=0, description="conversations per device per step (packed into one row)")
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    early_stopping_patience: int = Field(3, ge=0, description="evals without improvement; 0 disables")
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    seed: int = 42
+
+
+class TrainConfig(_Strict):
+    persona: str = Field(description="persona folder (persona.toml) or a character card file")
+    base_model: str = Field("smollm2", description="'smollm2' (embedded), a hub id, a local folder or a .gguf")
+    output_dir: str = Field(description="where the adapter bundle is written (atomically)")
+    checkpoint_dir: str | None = Field(None, description="trainer checkpoints; default OUTPUT_DIR-checkpoints")
+    quantization: Literal["auto", "nf4", "none"] = "auto"
+    lora: LoraSettings = LoraSettings()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.checkpoint_dir or f"{self.output_dir.rstrip('/')}-checkpoints")
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise DataError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read YAML (optional), apply ``key.sub=value`` overrides (YAML-typed), validate."""
+    tree: dict = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: config file not found") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise DataError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        if not isinstance(tree, dict):
+            raise DataError(f"{path}: expected a mapping of settings at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
+        _set(tree, key.strip(), value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise DataError(f"{where}: " + "; ".join(lines)) from exc

@@ -1,0 +1,115 @@
+"""Held-out loss/perplexity of base vs adapter on the same prompts, plus sample replies and a style check."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bundle import Manifest
+from .conversation import Conversation, DataError
+from .dataset import IGNORE, make_collator, split_conversations, tokenize, DataStats
+from .inference import reply
+from .persona import load_persona
+
+
+@dataclass
+class Sample:
+    prompt: str
+    base: str
+    adapter: str
+
+
+@dataclass
+class EvalReport:
+    examples: int
+    base_loss: float
+    adapter_loss: float
+    samples: list[Sample] = field(default_factory=list)
+    style_checks: list[str] = field(default_factory=list)
+    base_style: float | None = None
+    adapter_style: float | None = None
+
+    @property
+    def base_perplexity(self) -> float:
+        return math.exp(min(self.base_loss, 50))
+
+    @property
+    def adapter_perplexity(self) -> float:
+        return math.exp(min(self.adapter_loss, 50))
+
+
+def heldout(manifest: Manifest, data: str | Path | None = None) -> tuple[list[Conversation], list[str]]:
+    """The eval split the bundle was trained without (same seed and fraction), and the persona's style checks."""
+    source = data or manifest.training.get("persona")
+    if not source:
+        raise DataError("the bundle does not record its persona data; pass --data PERSONA_DIR")
+    persona = load_persona(source)
+    if data is not None:
+        return persona.conversations, persona.style_checks
+    _, held = split_conversations(
+        persona.conversations, manifest.training.get("eval_fraction", 0.1), manifest.training.get("seed", 42)
+    )
+    if not held:
+        raise DataError(f"{source}: too few conversations for a held-out split; pass --data with other dialogue")
+    return held, persona.style_checks
+
+
+@torch.no_grad()
+def mean_loss(model: Any, dataset: Any, tokenizer: Any, batch_size: int = 8) -> float:
+    """Token-weighted mean cross-entropy over the character's tokens."""
+    collate = make_collator(tokenizer, packing=True)
+    total, count = 0.0, 0
+    rows = dataset.to_list()
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(rows[i : i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        total += losses.item()
+        count += int((labels != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def style_score(replies: list[str], checks: list[str]) -> float:
+    """Fraction of (reply, check) pairs where the regex matches: 1.0 = every reply follows every rule."""
+    if not replies or not checks:
+        return 0.0
+    hits = sum(bool(re.search(c, r, flags=re.MULTILINE)) for r in replies for c in checks)
+    return hits / (len(replies) * len(checks))
+
+
+def evaluate_bundle(model: Any, tokenizer: Any, manifest: Manifest, data: str | Path | None = None,
+                    samples: int = 3, max_seq_len: int = 1024) -> EvalReport:
+    """Compare the adapter with the same base (adapter disabled, same system prompt) on held-out dialogue."""
+    conversations, checks = heldout(manifest, data)
+    stats = DataStats()
+    ds = tokenize(conversations, tokenizer, manifest.system_prompt, manifest.chat_template, max_seq_len, stats,
+                  desc="Tokenizing held-out")
+    if len(ds) == 0:
+        raise DataError("no held-out examples could be tokenized:\n  " + "\n  ".join(stats.problems[:10]))
+    adapter_loss = mean_loss(model, ds, tokenizer)
+    with model.disable_adapter():
+        base_loss = mean_loss(model, ds, tokenizer)
+    report = EvalReport(len(ds), base_loss, adapter_loss, style_checks=checks)
+    prompts = [c.messages[: _first_assistant(c)] for c in conversations[:samples]]
+    adapter_replies, base_replies = [], []
+    for prompt in prompts:
+        adapter_replies.append(reply(model, tokenizer, manifest, prompt))
+        with model.disable_adapter():
+            base_replies.append(reply(model, tokenizer, manifest, prompt))
+    report.samples = [Sample(p[-1]["content"] if p else "", b, a)
+                      for p, b, a in zip(prompts, base_replies, adapter_replies)]
+    if checks:
+        report.base_style = style_score(base_replies, checks)
+        report.adapter_style = style_score(adapter_replies, checks)
+    return report
+
+
+def _first_assistant(conversation: Conversation) -> int:
+    return next(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")

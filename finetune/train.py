@@ -1,0 +1,190 @@
+"""The training recipe: persona data -> tokenized splits -> (Q)LoRA on the base -> Trainer -> adapter bundle."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .bundle import LoraInfo, Manifest, save_bundle
+from .config import TrainConfig
+from .conversation import DataError
+from .dataset import build_datasets, make_collator
+from .model import compute_dtype, fingerprint, load_model, load_tokenizer, resolve
+from .persona import load_persona
+
+log = logging.getLogger(__name__)
+
+
+class ThroughputProgress(ProgressCallback):
+    """The Trainer's progress bar, with useful (non-pad) tokens/s added to every log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[float, int] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+        if logs is not None and "loss" in logs and self._last is not None and now > self._last[0]:
+            logs["tokens_per_s"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
+        if logs is not None and "loss" in logs:
+            self._last = (now, seen)
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=logs.get("tokens_per_s", "-"))
+        return super().on_log(args, state, control, logs=logs, **kwargs)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
+        return super().on_train_begin(args, state, control, **kwargs)
+
+
+def add_lora(model: Any, cfg: TrainConfig) -> Any:
+    """Wrap the base in trainable LoRA adapters (all linear layers by default); k-bit prep for NF4 bases."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    early = has_eval and t.early_stopping_patience > 0
+    bf16 = compute_dtype() == torch.bfloat16
+    return TrainingArguments(
+        output_dir=str(cfg.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        bf16=bf16 and torch.cuda.is_available(),
+        fp16=not bf16 and torch.cuda.is_available(),
+        report_to=t.report_to or "none",
+        seed=t.seed,
+        data_seed=t.seed,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        group_by_length=not cfg.data.packing,
+        optim="adamw_torch",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
+    """Run the whole recipe and return the bundle path. ``resume``: True = latest checkpoint, or a path."""
+    persona = load_persona(cfg.persona)
+    for problem in persona.problems:
+        log.warning("skipped: %s", problem)
+    ref = resolve(cfg.base_model)
+    tokenizer = load_tokenizer(ref)
+    chat_template = cfg.data.chat_template or tokenizer.chat_template
+    if not chat_template:
+        raise DataError(f"base model '{cfg.base_model}' has no chat template; set data.chat_template in the config")
+    train_ds, eval_ds, stats = build_datasets(
+        persona.conversations, tokenizer, persona.system_prompt, chat_template,
+        cfg.data.max_seq_len, cfg.data.eval_fraction, cfg.train.seed,
+    )
+    for problem in stats.problems:
+        log.warning("data: %s", problem)
+    log.info(
+        "data: %d train / %d eval examples, %d tokens (%d trained), %d truncated",
+        stats.train_examples, stats.eval_examples, stats.tokens, stats.trained_tokens, stats.truncated,
+    )
+
+    model = add_lora(load_model(ref, cfg.quantization), cfg)
+    args = training_args(cfg, has_eval=eval_ds is not None)
+    callbacks = [EarlyStoppingCallback(cfg.train.early_stopping_patience)] if args.load_best_model_at_end else []
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=make_collator(tokenizer, cfg.data.packing), callbacks=callbacks,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ThroughputProgress())
+
+    checkpoint = _resume_point(cfg, resume)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    summary: dict[str, Any] = {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 3),
+        "train_loss": round(result.training_loss, 4),
+        "quantization": getattr(model.base_model.model, "personabot_quantization", "none"),
+        "data": {k: v for k, v in asdict(stats).items() if k != "problems"},
+        # enough to rebuild the same held-out split for `finetune eval`
+        "persona": str(Path(cfg.persona).resolve()),
+        "seed": cfg.train.seed,
+        "eval_fraction": cfg.data.eval_fraction,
+        "max_seq_len": cfg.data.max_seq_len,
+    }
+    if eval_ds is not None:
+        eval_loss = trainer.evaluate()["eval_loss"]
+        summary |= {"eval_loss": round(eval_loss, 4), "eval_perplexity": round(math.exp(min(eval_loss, 50)), 3)}
+
+    manifest = Manifest(
+        name=persona.name,
+        description=persona.description,
+        base_model=ref.name,
+        base_model_spec=cfg.base_model,
+        base_fingerprint=fingerprint(model.config),
+        chat_template=chat_template,
+        system_prompt=persona.system_prompt,
+        sampling=persona.sampling,
+        lora=LoraInfo(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules),
+        data_hash=persona.data_hash,
+        training=summary,
+    )
+    if trainer.is_world_process_zero():
+        out = save_bundle(trainer.model, tokenizer, manifest, cfg.output_dir)
+        log.info("adapter bundle written to %s", out)
+    return Path(cfg.output_dir)
+
+
+def _resume_point(cfg: TrainConfig, resume: bool | str) -> str | None:
+    if not resume:
+        return None
+    if isinstance(resume, str):
+        if not Path(resume).is_dir():
+            raise DataError(f"--resume {resume}: checkpoint folder not found")
+        return resume
+    last = get_last_checkpoint(str(cfg.checkpoints)) if cfg.checkpoints.is_dir() else None
+    if last is None:
+        raise DataError(f"--resume: no checkpoint in {cfg.checkpoints} to resume from")
+    return last

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny offline Llama + tokenizer and a small persona, built once per session."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_persona(root: Path, n: int = 40, name: str = "Brine") -> Path:
+    """A persona folder whose character always answers 'Arr, <echo> ~' so learning is easy to see."""
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["tide", "storm", "fish", "lad", "boat", "sea", "salt", "wave"]
+    with open(root / "dialogue.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(n):
+            w = words[i % len(words)]
+            fh.write(json.dumps({"messages": [
+                {"role": "user", "content": f"tell me about the {w}"},
+                {"role": "assistant", "content": f"Arr, the {w} be fine, lad."},
+            ]}) + "\n")
+    (root / "persona.toml").write_text(
+        f'name = "{name}"\nsystem_prompt = "You are {name}."\n'
+        'style_checks = ["^Arr,"]\n'
+        '[sampling]\ntemperature = 0.0\nmax_new_tokens = 12\n'
+        '[[sources]]\npath = "dialogue.jsonl"\n',
+        encoding="utf-8",
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_persona(tmp_path) -> Path:
+    return write_persona(tmp_path / "persona")

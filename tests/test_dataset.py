@@ -1,0 +1,110 @@
+"""Assistant-only labels, EOS trained, truncation, deterministic split and padding-free packing."""
+from __future__ import annotations
+
+import torch
+
+from finetune.conversation import Conversation
+from finetune.dataset import (
+    IGNORE, DataStats, build_datasets, encode_conversation, make_collator, split_conversations, tokenize,
+)
+from finetune.prompt import encode_prompt, render, with_system_prompt
+
+CONVO = [
+    {"role": "system", "content": "You are Brine."},
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "Arr, the tide be turning."},
+    {"role": "user", "content": "what is the weather like?"},
+    {"role": "assistant", "content": "Harrumph. Storms, lad."},
+]
+
+
+def _trained_text(tok, enc) -> str:
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE])
+
+
+def test_only_character_turns_are_labeled_and_eos_is_trained(tiny_tokenizer):
+    enc = encode_conversation(tiny_tokenizer, CONVO)
+    assert len(enc.input_ids) == len(enc.labels)
+    assert _trained_text(tiny_tokenizer, enc) == (
+        "Arr, the tide be turning.<|im_end|>\nHarrumph. Storms, lad.<|im_end|>\n"
+    )
+    eos = tiny_tokenizer.eos_token_id
+    assert [lab for lab in enc.labels if lab == eos] == [eos, eos]
+    # labels equal the input ids wherever they are set (the model shifts them itself)
+    assert all(lab in (IGNORE, t) for t, lab in zip(enc.input_ids, enc.labels))
+    # the tokens are exactly those of the rendered text: same as serving would produce
+    assert enc.input_ids == tiny_tokenizer(render(tiny_tokenizer, CONVO), add_special_tokens=False)["input_ids"]
+
+
+def test_pad_equal_to_eos_does_not_mask_eos(tiny_tokenizer):
+    tiny_tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tiny_tokenizer.pad_token = tiny_tokenizer.eos_token
+    enc = encode_conversation(tiny_tokenizer, CONVO)
+    assert tiny_tokenizer.eos_token_id in enc.labels
+    batch = make_collator(tiny_tokenizer, packing=False)(
+        [{"input_ids": enc.input_ids, "labels": enc.labels},
+         {"input_ids": enc.input_ids[:5], "labels": enc.labels[:5]}]
+    )
+    assert (batch["labels"][0] == tiny_tokenizer.eos_token_id).sum() == 2
+    assert (batch["labels"][1, 5:] == IGNORE).all()
+
+
+def test_serving_prompt_is_the_training_prefix(tiny_tokenizer):
+    history = CONVO[1:4]
+    prompt = encode_prompt(tiny_tokenizer, "You are Brine.", history)
+    full = encode_conversation(tiny_tokenizer, CONVO).input_ids
+    assert full[: len(prompt)] == prompt
+    assert tiny_tokenizer.decode(full[len(prompt):]).startswith("Harrumph.")
+
+
+def test_system_prompt_prepended_only_when_missing():
+    msgs = [{"role": "user", "content": "hi"}]
+    assert with_system_prompt("S", msgs)[0] == {"role": "system", "content": "S"}
+    own = [{"role": "system", "content": "own"}, *msgs]
+    assert with_system_prompt("S", own) == own
+
+
+def test_truncation_is_flagged_and_counted(tiny_tokenizer):
+    enc = encode_conversation(tiny_tokenizer, CONVO, max_seq_len=20)
+    assert enc.truncated and len(enc.input_ids) == 20
+    stats = DataStats()
+    convos = [Conversation(CONVO[1:], "f.jsonl:1")]
+    ds = tokenize(convos, tiny_tokenizer, "You are Brine.", None, 4, stats)
+    assert len(ds) == 0
+    assert stats.problems == ["f.jsonl:1: no character tokens left within max_seq_len=4"]
+
+
+def test_split_is_deterministic_and_disjoint():
+    convos = [Conversation([{"role": "assistant", "content": str(i)}], f"f:{i}") for i in range(50)]
+    a_train, a_eval = split_conversations(convos, 0.1, seed=3)
+    b_train, b_eval = split_conversations(convos, 0.1, seed=3)
+    assert [c.origin for c in a_eval] == [c.origin for c in b_eval] and len(a_eval) == 5
+    assert not {c.origin for c in a_train} & {c.origin for c in a_eval}
+    assert len(a_train) + len(a_eval) == 50
+    assert split_conversations(convos[:5], 0.1, seed=3)[1] == []
+
+
+def test_build_datasets_counts(tiny_tokenizer):
+    convos = [Conversation(CONVO[1:], f"f.jsonl:{i}") for i in range(20)]
+    train, evals, stats = build_datasets(convos, tiny_tokenizer, "You are Brine.", None, 256, 0.1, 0)
+    assert (stats.train_examples, stats.eval_examples) == (18, 2)
+    assert len(train) == 18 and evals is not None and len(evals) == 2
+    assert stats.trained_tokens < stats.tokens and stats.truncated == 0
+
+
+def test_packing_keeps_conversations_independent(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    a = encode_conversation(tiny_tokenizer, CONVO)
+    b = encode_conversation(tiny_tokenizer, CONVO[:3])
+    rows = [{"input_ids": a.input_ids, "labels": a.labels}, {"input_ids": b.input_ids, "labels": b.labels}]
+    packed = make_collator(tiny_tokenizer, packing=True)(rows)
+    n_a = len(a.input_ids)
+    assert packed["input_ids"].shape == (1, n_a + len(b.input_ids))
+    assert packed["position_ids"][0, n_a].item() == 0  # positions restart at the boundary
+    assert packed["labels"][0, n_a].item() == IGNORE  # no loss across the boundary
+    with torch.no_grad():
+        joint = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
+    torch.testing.assert_close(joint[0, n_a:], alone_b[0], atol=1e-4, rtol=1e-4)
