@@ -1,8 +1,11 @@
 """The one in-memory shape every reader produces and every later stage consumes."""
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -30,3 +33,44 @@ class ReadResult:
     def extend(self, other: ReadResult) -> None:
         self.conversations.extend(other.conversations)
         self.problems.extend(other.problems)
+
+
+def tidy_messages(messages: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """Strip, drop empty and merge same-role neighbours, so training sees clean alternating turns.
+
+    Raises ValueError when nothing the character says is left: such a dialogue teaches nothing.
+    """
+    tidy: list[dict[str, str]] = []
+    for message in messages:
+        content = message["content"].strip()
+        if not content:
+            continue
+        if tidy and tidy[-1]["role"] == message["role"]:
+            tidy[-1]["content"] += "\n" + content
+        else:
+            tidy.append({"role": message["role"], "content": content})
+    if not any(m["role"] == "assistant" for m in tidy):
+        raise ValueError("no turns by the character")
+    return tidy
+
+
+def read_text(path: Path) -> str:
+    """A whole data file as text; a DataError says which line is not UTF-8 rather than a byte offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from e
+
+
+def load_json(path: Path) -> Any:
+    """A whole JSON file; a parse error becomes a DataError with json's line and column."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e

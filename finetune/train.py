@@ -82,7 +82,7 @@ def training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
@@ -100,16 +100,19 @@ def training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         report_to=t.report_to or "none",
         seed=t.seed,
         data_seed=t.seed,
-        include_num_input_tokens_seen="non_padding",
+        # packed rows hold no padding, so every token counts; padded batches count the attention mask
+        include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",
         remove_unused_columns=False,
-        group_by_length=not cfg.data.packing,
         optim="adamw_torch",
         dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
-def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
-    """Run the whole recipe and return the bundle path. ``resume``: True = latest checkpoint, or a path."""
+def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = ()) -> Path:
+    """Run the whole recipe and return the bundle path. ``resume``: True = latest checkpoint, or a path.
+
+    ``callbacks`` are extra ``TrainerCallback`` objects (logging, custom stopping rules, tests).
+    """
     persona = load_persona(cfg.persona)
     for problem in persona.problems:
         log.warning("skipped: %s", problem)
@@ -131,10 +134,10 @@ def train(cfg: TrainConfig, resume: bool | str = False) -> Path:
 
     model = add_lora(load_model(ref, cfg.quantization), cfg)
     args = training_args(cfg, has_eval=eval_ds is not None)
-    callbacks = [EarlyStoppingCallback(cfg.train.early_stopping_patience)] if args.load_best_model_at_end else []
+    early = [EarlyStoppingCallback(cfg.train.early_stopping_patience)] if args.load_best_model_at_end else []
     trainer = Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=make_collator(tokenizer, cfg.data.packing), callbacks=callbacks,
+        data_collator=make_collator(tokenizer, cfg.data.packing), callbacks=[*early, *callbacks],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ThroughputProgress())

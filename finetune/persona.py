@@ -1,0 +1,198 @@
+"""Load a persona (a folder with persona.toml, or a lone character card) into training-ready data."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from finetune.conversation import Conversation, DataError, read_text
+from finetune.readers import infer_format, read_source
+from finetune.readers.card import card_conversations, read_card
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PERSONA_FILE = "persona.toml"
+CARD_SUFFIXES = (".json", ".png")
+
+
+class Sampling(BaseModel):
+    """Generation settings the bot uses for this persona."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0)
+    max_new_tokens: int = Field(200, ge=1)
+    stop: list[str] = []
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    path: str = Field(min_length=1)
+    format: Literal["jsonl", "sharegpt", "card", "script", "discord"] | None = None
+    character: str | None = None  # script/discord speaker; defaults to the persona's name
+
+
+class _PersonaFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: str = Field(min_length=1)
+    system_prompt: str | None = None
+    description: str = ""
+    sampling: Sampling = Field(default_factory=Sampling)
+    sources: list[_Source] = Field(min_length=1)
+    style_checks: list[str] = Field(
+        default_factory=list, description="regexes every in-character reply matches; `finetune eval` scores them"
+    )
+
+    @field_validator("style_checks")
+    @classmethod
+    def _compiles(cls, checks: list[str]) -> list[str]:
+        for check in checks:
+            try:
+                re.compile(check)
+            except re.error as exc:
+                raise ValueError(f"{check!r} is not a valid regex: {exc}") from exc
+        return checks
+
+
+@dataclass
+class PersonaData:
+    """Everything later stages need; ``data_hash`` changes whenever any input file does."""
+
+    name: str
+    system_prompt: str
+    description: str
+    sampling: Sampling
+    conversations: list[Conversation]
+    problems: list[str]
+    files: list[Path]
+    data_hash: str
+    style_checks: list[str] = field(default_factory=list)
+
+
+def load_persona(path: str | Path) -> PersonaData:
+    """Load a persona folder, its persona.toml, or a single character card (.json/.png)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such persona folder or file")
+    if path.is_dir():
+        path = path / PERSONA_FILE
+        if not path.is_file():
+            raise DataError(f"{path.parent}: no {PERSONA_FILE} in this folder")
+    elif path.suffix.lower() in CARD_SUFFIXES:
+        return _load_card_persona(path)
+    elif path.name != PERSONA_FILE:
+        raise DataError(f"{path}: not a persona folder, {PERSONA_FILE} or character card (.json/.png)")
+    return _load_toml_persona(path)
+
+
+def _load_toml_persona(toml_path: Path) -> PersonaData:
+    spec = _parse_persona_file(toml_path)
+    folder = toml_path.parent
+    conversations: list[Conversation] = []
+    problems: list[str] = []
+    files = [toml_path]
+    card_prompt = ""
+    for i, source in enumerate(spec.sources):
+        source_path = folder / source.path
+        if not source_path.is_file():
+            raise DataError(f"{toml_path}: sources[{i}]: file not found: {source_path}")
+        kind = source.format or infer_format(source_path)
+        if kind == "card":
+            card = read_card(source_path)
+            card_prompt = card_prompt or card.system_prompt
+            result = card_conversations(card, source_path)
+        else:
+            result = read_source(source_path, kind, source.character or spec.name)
+        conversations.extend(result.conversations)
+        problems.extend(result.problems)
+        if source_path not in files:
+            files.append(source_path)
+    system_prompt = spec.system_prompt or card_prompt
+    if not system_prompt:
+        raise DataError(
+            f"{toml_path}: field 'system_prompt': required when no character card source provides one"
+        )
+    _require_conversations(toml_path, conversations, problems)
+    return PersonaData(
+        name=spec.name,
+        system_prompt=system_prompt,
+        description=spec.description,
+        sampling=spec.sampling,
+        conversations=conversations,
+        problems=problems,
+        files=files,
+        data_hash=_data_hash(folder, files),
+        style_checks=spec.style_checks,
+    )
+
+
+def _load_card_persona(card_path: Path) -> PersonaData:
+    card = read_card(card_path)
+    if not card.system_prompt:
+        raise DataError(
+            f"{card_path}: card has no description, personality, scenario or system_prompt to prompt with"
+        )
+    result = card_conversations(card, card_path)
+    _require_conversations(card_path, result.conversations, result.problems)
+    return PersonaData(
+        name=card.name,
+        system_prompt=card.system_prompt,
+        description="",
+        sampling=Sampling(),
+        conversations=result.conversations,
+        problems=result.problems,
+        files=[card_path],
+        data_hash=_data_hash(card_path.parent, [card_path]),
+    )
+
+
+def _parse_persona_file(toml_path: Path) -> _PersonaFile:
+    try:
+        raw = tomllib.loads(read_text(toml_path))
+    except tomllib.TOMLDecodeError as e:
+        raise DataError(f"{toml_path}: invalid TOML: {e}") from e
+    try:
+        return _PersonaFile.model_validate(raw)
+    except ValidationError as e:
+        details = "; ".join(f"field '{_field_name(err['loc'])}': {err['msg']}" for err in e.errors())
+        raise DataError(f"{toml_path}: {details}") from e
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    """("sources", 0, "path") -> "sources[0].path", the way the user reads their TOML."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else part
+    return name
+
+
+def _require_conversations(where: Path, conversations: list[Conversation], problems: list[str]) -> None:
+    if not conversations:
+        listed = "".join(f"\n  {p}" for p in problems[:10]) or " none (the sources are empty)"
+        raise DataError(f"{where}: no usable conversations in any source; first problems:{listed}")
+
+
+def _data_hash(root: Path, files: list[Path]) -> str:
+    """sha256 over (relative path, bytes) of every input, sorted, so a rename or edit retrains."""
+    digest = hashlib.sha256()
+    for name, file in sorted((Path(os.path.relpath(f, root)).as_posix(), f) for f in files):
+        data = file.read_bytes()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()

@@ -1,0 +1,122 @@
+"""The training recipe end to end on the tiny model: bundle contents, learning, resume, atomic save, NF4."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from finetune.bundle import ADAPTER_FILES, MANIFEST, BundleError, check_compatible, load_manifest, write_atomically
+from finetune.config import load_config
+from finetune.evaluate import evaluate_bundle
+from finetune.inference import load_bundle_model, reply
+from finetune.train import train
+
+
+def _config(persona: Path, model: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"persona={persona}", f"base_model={model}", f"output_dir={out}", "quantization=none",
+        "data.max_seq_len=64", "train.batch_size=8", "train.learning_rate=5e-3", "train.logging_steps=1",
+        "train.eval_steps=5", "train.save_steps=5", "train.gradient_checkpointing=false", *extra,
+    ])
+
+
+def test_train_writes_a_bundle_that_learned_the_persona(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    train(_config(tiny_persona, tiny_model_dir, out, "train.epochs=6"))
+    for name in (*ADAPTER_FILES, MANIFEST, "tokenizer.json"):
+        assert (out / name).is_file(), name
+    manifest = load_manifest(out)
+    assert manifest.name == "Brine" and manifest.system_prompt == "You are Brine."
+    assert manifest.base_model == "model" and manifest.base_fingerprint["hidden_size"] == 64
+    assert manifest.chat_template.startswith("{% for message in messages %}")
+    assert manifest.sampling.max_new_tokens == 12
+    assert manifest.training["steps"] > 0 and len(manifest.data_hash) == 64
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    wrapped = {name.rsplit(".", 1)[-1] for name in adapter_cfg["target_modules"]}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not list(tmp_path.glob(".bundle.*")), "no temp folders left behind"
+
+    model, tok, manifest = load_bundle_model(out, "none")
+    report = evaluate_bundle(model, tok, manifest, samples=2)
+    assert report.adapter_loss < report.base_loss - 0.5
+    assert (report.base_style, report.adapter_style) == (0.0, 1.0)
+    assert reply(model, tok, manifest, [{"role": "user", "content": "tell me about the storm"}]).startswith("Arr,")
+
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_after_interrupted_run(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    cfg = _config(tiny_persona, tiny_model_dir, out, "train.max_steps=10")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[_Crash()])
+    assert not out.exists(), "a crashed run must not leave a bundle"
+    assert (cfg.checkpoints / "checkpoint-5").is_dir()
+    train(cfg, resume=True)
+    training = load_manifest(out).training
+    assert training["steps"] == 10
+    state = json.loads((cfg.checkpoints / "checkpoint-10" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e][:1] == [1]  # history carried over
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_persona, tiny_model_dir, tmp_path):
+    from finetune.conversation import DataError
+
+    cfg = _config(tiny_persona, tiny_model_dir, tmp_path / "b", "train.max_steps=1")
+    with pytest.raises(DataError, match="no checkpoint"):
+        train(cfg, resume=True)
+
+
+def test_atomic_save_keeps_the_old_bundle_on_crash(tmp_path):
+    out = tmp_path / "bundle"
+    write_atomically(out, lambda d: (d / "adapter_model.safetensors").write_text("v1"))
+
+    def crash(d: Path) -> None:
+        (d / "adapter_model.safetensors").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomically(out, crash)
+    assert (out / "adapter_model.safetensors").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    write_atomically(out, lambda d: (d / "adapter_model.safetensors").write_text("v2"))
+    assert (out / "adapter_model.safetensors").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_nf4_qlora_path_on_cpu(tiny_persona, tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from finetune.model import load_model, resolve
+
+    base = load_model(resolve(str(tiny_model_dir)), "nf4")
+    assert base.is_loaded_in_4bit
+    q = base.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+    assert q.weight.quant_state.nested  # double quantization
+    out = tmp_path / "bundle"
+    train(_config(tiny_persona, tiny_model_dir, out, "quantization=nf4", "train.max_steps=3"))
+    manifest = load_manifest(out)
+    assert manifest.training["quantization"] == "nf4"
+    model, tok, manifest = load_bundle_model(out, "nf4")
+    assert isinstance(reply(model, tok, manifest, [{"role": "user", "content": "hi"}]), str)
+
+
+def test_bundle_for_another_base_is_refused(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    train(_config(tiny_persona, tiny_model_dir, out, "train.max_steps=1"))
+    manifest = load_manifest(out)
+    with pytest.raises(BundleError, match="trained on base model 'model'"):
+        check_compatible(manifest, out, "other-model", manifest.base_fingerprint)
+    with pytest.raises(BundleError, match="hidden_size: bundle 64 vs served 128"):
+        check_compatible(manifest, out, "model", manifest.base_fingerprint | {"hidden_size": 128})
+    (out / MANIFEST).write_text(json.dumps({"name": "x"}))
+    with pytest.raises(BundleError, match="persona.json: field 'base_model'"):
+        load_manifest(out)
