@@ -30,7 +30,7 @@ def check(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_s
         table.add_row(label, str(value))
     console.print(table)
     for problem in stats.problems:
-        console.print(Text(problem, style="yellow"))
+        console.print(Text(problem, style="yellow"), soft_wrap=True)
     return stats
 
 

@@ -1,0 +1,1 @@
+"""personabot Discord side: adapter bundles -> streamed in-character replies."""

@@ -1,0 +1,73 @@
+"""The `finetune` command line: config errors name the field, data check lists bad lines, train via CLI."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.config import load_config
+from finetune.conversation import DataError
+
+runner = CliRunner()
+
+
+def test_config_overrides_are_typed_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("persona: p\noutput_dir: out\ntrain:\n  epochs: 2\n")
+    cfg = load_config(path, ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.packing=false"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.epochs == 2
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.packing is False
+    assert str(cfg.checkpoints) == "out-checkpoints"
+    with pytest.raises(DataError, match=r"c.yaml: train.lerning_rate: Extra inputs are not permitted"):
+        load_config(path, ["train.lerning_rate=1"])
+    with pytest.raises(DataError, match=r"lora.r: Input should be greater than 0"):
+        load_config(path, ["lora.r=0"])
+    with pytest.raises(DataError, match=r"expected key=value"):
+        load_config(path, ["train.epochs"])
+    path.write_text("persona: [unclosed\n")
+    with pytest.raises(DataError, match=r"c.yaml:2: invalid YAML"):
+        load_config(path)
+
+
+def test_builtin_recipes_validate():
+    from finetune.cli import RECIPES
+
+    for recipe in RECIPES.glob("*.yaml"):
+        load_config(recipe)
+
+
+def test_data_check_reports_bad_lines_and_counts(tiny_persona, tiny_model_dir):
+    with open(tiny_persona / "dialogue.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"messages": [{"role": "narrator", "content": "x"}]}\n')
+        fh.write("{not json\n")
+    result = runner.invoke(app, ["data", "check", str(tiny_persona), "--base-model", str(tiny_model_dir)])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert "dialogue.jsonl:41:" in out and "narrator" in out
+    assert "dialogue.jsonl:42:" in out
+    assert re.search(r"conversations\W+40\W", out) and re.search(r"train / eval examples\W+36 / 4", out)
+
+
+def test_data_preview_renders_template(tiny_persona, tiny_model_dir):
+    result = runner.invoke(app, ["data", "preview", str(tiny_persona), "--base-model", str(tiny_model_dir), "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>system" in result.output and "Arr, the tide be fine, lad." in result.output
+
+
+def test_train_cli_and_clear_errors(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"persona: {tiny_persona}\nbase_model: {tiny_model_dir}\noutput_dir: {out}\nquantization: none\n")
+    result = runner.invoke(app, ["train", str(cfg), "--set", "train.max_steps=2", "--set", "data.max_seq_len=64"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "persona.json").read_text())["training"]["steps"] == 2
+
+    result = runner.invoke(app, ["train", str(cfg), "--set", "persona=/nonexistent"])
+    assert result.exit_code == 2 and "/nonexistent" in result.output
+    result = runner.invoke(app, ["train", "no-such-recipe"])
+    assert result.exit_code == 2 and "built-in recipe (demo, qlora)" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "adapter bundle folder not found" in result.output
