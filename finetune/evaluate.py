@@ -80,7 +80,7 @@ def style_score(replies: list[str], checks: list[str]) -> float:
     """Fraction of (reply, check) pairs where the regex matches: 1.0 = every reply follows every rule."""
     if not replies or not checks:
         return 0.0
-    hits = sum(bool(re.search(c, r, flags=re.MULTILINE)) for r in replies for c in checks)
+    hits = sum(bool(re.search(c, r)) for r in replies for c in checks)
     return hits / (len(replies) * len(checks))
 
 
