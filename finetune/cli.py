@@ -202,3 +202,7 @@ def demo(
     _print_report(manifest.name, report)
     if chat_after or (chat_after is None and sys.stdin.isatty()):
         chat_loop(model, tokenizer, manifest, console)
+
+
+if __name__ == "__main__":  # `accelerate launch -m finetune.cli ...`
+    app()
