@@ -141,30 +141,46 @@ def load_model(
     device_map: str | dict | None = None,
 ):
     """Load the causal LM: NF4 + double quant + bf16 compute (QLoRA) when asked or 'auto' and possible."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = dtype or compute_dtype()
-    use_4bit = quantization == "nf4" or (quantization == "auto" and bnb_available())
     if quantization == "nf4" and not bnb_available():
         raise ModelError("quantization 'nf4' needs a working bitsandbytes; set quantization: none to load in 16-bit")
     kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if use_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
     if device_map is None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    path = materialize(ref)
+    use_4bit = quantization == "nf4" or (quantization == "auto" and bnb_available())
     try:
-        model = AutoModelForCausalLM.from_pretrained(materialize(ref), **kwargs)
+        if use_4bit:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_nf4(dtype), **kwargs)
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                if quantization == "nf4":
+                    raise ModelError(f"base model '{ref.spec}': 4-bit NF4 load failed: {exc}") from exc
+                log.warning("4-bit NF4 load failed here (%s); falling back to %s weights", exc, dtype)
+                use_4bit = False
+        else:
+            log.info("loading '%s' without 4-bit quantization (%s)", ref.spec, dtype)
+        if not use_4bit:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(f"base model '{ref.spec}': {exc}") from exc
     model.personabot_quantization = "nf4" if use_4bit else "none"
     return model
+
+
+def _nf4(dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
 def fingerprint(config) -> dict[str, int | str]:

@@ -1,0 +1,77 @@
+"""Base model specs, the 16-bit fallback, chat and export of a bundle."""
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from finetune import model as model_mod
+from finetune.cli import app
+from finetune.config import load_config
+from finetune.model import EMBEDDED_DEFAULT, ModelError, load_model, resolve
+from finetune.train import train
+
+
+def test_resolve_specs(tmp_path, tiny_model_dir):
+    ref = resolve(EMBEDDED_DEFAULT)
+    assert ref.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and ref.name.startswith("smollm2:")
+    assert resolve(str(tiny_model_dir)).name == "model"
+    hub = resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hub.name == hub.path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_auto_falls_back_to_16bit_without_bitsandbytes(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(model_mod, "bnb_available", lambda: False)
+    base = load_model(resolve(str(tiny_model_dir)), "auto")
+    assert not getattr(base, "is_loaded_in_4bit", False) and base.personabot_quantization == "none"
+    with pytest.raises(ModelError, match="needs a working bitsandbytes"):
+        load_model(resolve(str(tiny_model_dir)), "nf4")
+
+
+@pytest.fixture
+def tiny_bundle(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    train(load_config(None, [
+        f"persona={tiny_persona}", f"base_model={tiny_model_dir}", f"output_dir={out}", "quantization=none",
+        "data.max_seq_len=64", "train.epochs=6", "train.learning_rate=5e-3", "train.save_steps=100",
+        "train.gradient_checkpointing=false",
+    ]))
+    return out
+
+
+def test_export_merges_adapter_into_base(tiny_bundle, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.inference import load_bundle_model
+
+    result = CliRunner().invoke(app, ["export", str(tiny_bundle), str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    peft_model, tok, _ = load_bundle_model(tiny_bundle, "none")
+    peft_model = peft_model.float()
+    ids = torch.tensor([tok("Arr, the tide be fine")["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            plain = base(input_ids=ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-3), "the adapter must change the outputs"
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # bf16 merge
+    assert (tmp_path / "merged" / "persona.json").is_file()
+
+
+def test_terminal_chat_streams_and_keeps_history(tiny_bundle):
+    result = CliRunner().invoke(
+        app, ["chat", str(tiny_bundle), "--quantization", "none"],
+        input="tell me about the boat\n/reset\ntell me about the fish\n/quit\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Brine>") == 2
+    assert "(conversation forgotten)" in result.output
+    assert "Arr," in result.output
