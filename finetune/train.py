@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .bundle import LoraInfo, Manifest, save_bundle
 from .config import TrainConfig
 from .conversation import DataError
-from .dataset import build_datasets, make_collator
+from .dataset import IGNORE, build_datasets, make_collator
 from .model import compute_dtype, fingerprint, load_model, load_tokenizer, resolve
 from .persona import load_persona
 
@@ -43,6 +43,27 @@ class ThroughputProgress(ProgressCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
         return super().on_train_begin(args, state, control, **kwargs)
+
+
+class PersonaTrainer(Trainer):
+    """Trainer whose training loss computes logits only where a trained token follows.
+
+    On persona data only the character's turns are trained (about a quarter of all tokens), so asking the
+    model for those positions alone (``logits_to_keep``) cuts the vocabulary projection and the logits'
+    memory by ~4x: most of the cost of the loss on a large-vocabulary model. Packed rows only (batch of 1);
+    padded batches and evaluation take the stock path.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if return_outputs or labels is None or labels.shape[0] != 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        targets = labels[0, 1:]
+        keep = (targets != IGNORE).nonzero().squeeze(-1)
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else max(keep.numel(), 1))
 
 
 def add_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -135,7 +156,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
     model = add_lora(load_model(ref, cfg.quantization), cfg)
     args = training_args(cfg, has_eval=eval_ds is not None)
     early = [EarlyStoppingCallback(cfg.train.early_stopping_patience)] if args.load_best_model_at_end else []
-    trainer = Trainer(
+    trainer = PersonaTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=make_collator(tokenizer, cfg.data.packing), callbacks=[*early, *callbacks],
     )

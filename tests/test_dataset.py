@@ -108,3 +108,21 @@ def test_packing_keeps_conversations_independent(tiny_model_dir, tiny_tokenizer)
         joint = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
         alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
     torch.testing.assert_close(joint[0, n_a:], alone_b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_trainer_loss_on_kept_positions_equals_full_loss(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from finetune.train import PersonaTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    a = encode_conversation(tiny_tokenizer, CONVO)
+    b = encode_conversation(tiny_tokenizer, CONVO[:3])
+    batch = make_collator(tiny_tokenizer, packing=True)(
+        [{"input_ids": a.input_ids, "labels": a.labels}, {"input_ids": b.input_ids, "labels": b.labels}]
+    )
+    trainer = PersonaTrainer(model=model, args=TrainingArguments(output_dir="/tmp/unused", report_to="none"))
+    with torch.no_grad():
+        fast = trainer.compute_loss(model, dict(batch))
+        full = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(fast, full)
