@@ -1,0 +1,177 @@
+"""Training throughput: personabot's `finetune` path vs the plain transformers+peft+bitsandbytes recipe.
+
+Same base, same LoRA (r=16, all linear layers), same examples (a persona-like length mix: most
+conversations 100-800 tokens, the character's turns ~1/3 of the tokens), same optimizer, same run.
+Each variant runs in its own subprocess so peak memory is measured cleanly. Prints useful (non-pad)
+tokens/s and peak memory for both, and their ratios.
+
+    python bench/train.py                                  # CPU: embedded SmolLM2-135M, a few steps
+    python bench/train.py --shape llama-8b --steps 20      # GPU: Llama-3.1-8B shapes, random weights
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IGNORE = -100
+SHAPES = {  # random-weight stand-ins with real shapes
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
+}
+
+
+def examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Persona-like conversations: lognormal lengths clipped to 64..1024, alternating user/character turns."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = int(min(1024, max(64, rng.lognormvariate(5.6, 0.6))))
+        ids = [rng.randrange(10, vocab) for _ in range(length)]
+        labels, pos, trained = [IGNORE] * length, 0, False
+        while pos < length:
+            turn = rng.randint(15, 60)
+            if trained:
+                labels[pos : pos + turn] = ids[pos : pos + turn]
+            pos, trained = pos + turn, not trained
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def load_base(args: argparse.Namespace):
+    from finetune.model import _nf4, compute_dtype, load_model, resolve
+
+    if args.shape == "smollm2":
+        return load_model(resolve("smollm2"), args.quantization)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False)
+    dtype = compute_dtype()
+    tmp = Path(os.environ.get("BENCH_CACHE", "/tmp/personabot-bench")) / args.shape
+    if not (tmp / "config.json").is_file():
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if args.quantization != "none":
+        kwargs["quantization_config"] = _nf4(dtype)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """One variant, in this process: build the trainer, time ``args.steps`` steps after 2 warm-up steps."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from finetune.config import load_config
+    from finetune.dataset import make_collator
+    from finetune.train import PersonaTrainer, add_lora
+
+    model = load_base(args)
+    vocab = model.config.vocab_size
+    data = examples(args.batch_size * (args.steps + 2), vocab)
+    gc = args.gradient_checkpointing
+    if args.variant == "plain":
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+        elif gc:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        trainer_cls, collator = Trainer, _pad_collator
+    else:
+        cfg = load_config(None, ["persona=bench", "output_dir=bench", f"train.gradient_checkpointing={gc}"])
+        model = add_lora(model, cfg)
+        trainer_cls, collator = PersonaTrainer, make_collator(None, packing=True)
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    targs = TrainingArguments(
+        output_dir="/tmp/personabot-bench-out", per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps + 2, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
+        report_to="none", bf16=torch.cuda.is_available(), remove_unused_columns=False, optim="adamw_torch",
+        disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    trainer = trainer_cls(model=model, args=targs, train_dataset=_ListDataset(data), data_collator=collator,
+                          callbacks=[Clock()])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    timed = data[2 * args.batch_size :]
+    useful = sum(len(e["input_ids"]) for e in timed)
+    seconds = marks[-1] - marks[1]
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": args.variant, "tokens_per_s": useful / seconds, "peak_gib": peak / 2**30,
+            "steps": args.steps, "useful_tokens": useful}
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _pad_collator(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """What the plain recipe does: right-pad every batch to its longest conversation."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--variant", choices=["plain", "personabot"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    results = {}
+    for variant in ("plain", "personabot"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results[variant] = json.loads(out)
+    plain, ours = results["plain"], results["personabot"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    print(f"# bench/train.py {args.shape} {args.quantization} batch {args.batch_size} x {args.steps} steps on {device}")
+    for r in (plain, ours):
+        print(f"{r['variant']:>10}: {r['tokens_per_s']:8.1f} useful tokens/s   peak {r['peak_gib']:.2f} GiB")
+    print(f"     ratio: {ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x tokens/s, "
+          f"{ours['peak_gib'] / plain['peak_gib']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
