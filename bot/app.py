@@ -1,0 +1,314 @@
+"""The running bot: personas, their Discord clients, one shared engine, and who answers what."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict, deque
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import discord
+
+from finetune.bundle import BundleError, Manifest
+
+from .client import BotClient
+from .commands import CommandError
+from .config import ConfigError, PersonaSpec, Settings, persona_token
+from .conversation import gather, render
+from .conversations import ConverseSession
+from .engine.base import Engine, EngineError
+from .queues import ChannelQueues
+from .streaming import EditLimiter, ReplyStream
+from .voices import BotVoice, Voice, WebhookVoice, Webhooks
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The bot cannot start; the message names the persona and what to fix."""
+
+
+class PersonaBot:
+    """All personas in one process: clients grouped by token, replies queued per channel."""
+
+    def __init__(
+        self, settings: Settings, personas: list[PersonaSpec], engine: Engine | Callable[[], Engine], *,
+        tokens: dict[str, str] | None = None, client_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.personas = personas
+        self._engine = engine
+        self.limiter = EditLimiter(settings.edit_interval, settings.edits_per_second)
+        self.queues = ChannelQueues()
+        self.sessions: dict[int, ConverseSession] = {}
+        self.resets: dict[int, int] = {}
+        self.streams: dict[int, set[ReplyStream]] = defaultdict(set)
+        self.clients: list[BotClient] = []
+        self.voices: list[Voice] = []
+        self._tokens = tokens or {p.name: persona_token(p, settings) for p in personas}
+        self._client_options = client_options or {}
+        self._tasks: set[asyncio.Task] = set()
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque(maxlen=10_000)
+        self._build_clients()
+
+    def _build_clients(self) -> None:
+        """One client per distinct token; a token persona is that client's user, the rest post by webhook."""
+        by_token: dict[str, list[PersonaSpec]] = defaultdict(list)
+        for persona in self.personas:
+            by_token[self._tokens[persona.name]].append(persona)
+        for token, personas in by_token.items():
+            owners = [p for p in personas if not p.webhook]
+            if len(owners) > 1:
+                names = " and ".join(f"'{p.name}' ({p.token_env})" for p in owners)
+                raise ConfigError(f"personas {names} use the same bot token; give each its own, or use webhook mode")
+            client = BotClient(self, token, self._label(personas), **self._client_options)
+            webhooks = Webhooks(client)
+            client.voices = [
+                BotVoice(p, client) if not p.webhook else WebhookVoice(p, client, webhooks) for p in personas
+            ]
+            self.clients.append(client)
+            self.voices += client.voices
+
+    @staticmethod
+    def _label(personas: list[PersonaSpec]) -> str:
+        """How errors name a client: its personas and the variable its token came from."""
+        owner = next((p for p in personas if not p.webhook), None)
+        var = owner.token_env if owner else "DISCORD_TOKEN"
+        return f"persona {', '.join(repr(p.name) for p in personas)} ({var})"
+
+    @property
+    def engine(self) -> Engine:
+        if not isinstance(self._engine, Engine):
+            raise RuntimeError("the engine is created by start()")
+        return self._engine
+
+    # lifecycle
+
+    async def start(self) -> None:
+        """Log in every client, create the engine if given a factory (tokens are checked before the slow model
+        load), load every adapter, connect; errors name the persona and the fix."""
+        await asyncio.gather(*(self._login(c) for c in self.clients))
+        if not isinstance(self._engine, Engine):
+            try:
+                self._engine = await asyncio.to_thread(self._engine)
+            except Exception as exc:  # whatever the backend raises (bad model, missing package): name the engine
+                raise StartupError(f"cannot start the {self.settings.engine} engine: {exc}") from exc
+        for persona in self.personas:
+            try:
+                await self.engine.load_adapter(persona.name, persona.adapter)
+            except (EngineError, BundleError, OSError) as exc:
+                raise StartupError(f"persona '{persona.name}': cannot load adapter {persona.adapter}: {exc}") from exc
+        for client in self.clients:
+            client.connection = asyncio.create_task(client.connect(), name=f"gateway {client.label}")
+        await asyncio.gather(*(self._until_ready(c) for c in self.clients))
+        log.info("ready: %s", ", ".join(v.name for v in self.voices))
+
+    async def _login(self, client: BotClient) -> None:
+        try:
+            await client.login(client.login_token)
+        except discord.LoginFailure as exc:
+            raise StartupError(
+                f"{client.label}: Discord rejected the bot token (401); copy it again from the Developer Portal "
+                "(Bot -> Reset Token)"
+            ) from exc
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            raise StartupError(f"{client.label}: cannot log in to Discord: {exc}") from exc
+
+    async def _until_ready(self, client: BotClient) -> None:
+        assert client.connection is not None
+        ready = asyncio.create_task(client.wait_until_ready())
+        await asyncio.wait({client.connection, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            self._raise_connection_error(client)
+
+    @staticmethod
+    def _raise_connection_error(client: BotClient) -> None:
+        task = client.connection
+        exc = task.exception() if task is not None and not task.cancelled() else None
+        if isinstance(exc, discord.PrivilegedIntentsRequired):
+            raise StartupError(
+                f"{client.label}: the Message Content intent is not enabled; turn it on in the Developer Portal "
+                "(your application -> Bot -> Privileged Gateway Intents -> Message Content Intent)"
+            ) from exc
+        raise StartupError(f"{client.label}: the Discord connection ended: {exc!r}") from exc
+
+    async def run(self) -> None:
+        """Start, then serve until a client's connection ends for good."""
+        await self.start()
+        await asyncio.wait({c.connection for c in self.clients if c.connection}, return_when=asyncio.FIRST_COMPLETED)
+        for client in self.clients:
+            if client.connection is not None and client.connection.done():
+                self._raise_connection_error(client)
+
+    async def close(self) -> None:
+        for session in self.sessions.values():
+            session.stop("shutting down")
+        await self.queues.close()
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+        for task in [*self._tasks, *(c.connection for c in self.clients if c.connection)]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *(c.connection for c in self.clients if c.connection),
+                             return_exceptions=True)
+        if isinstance(self._engine, Engine):
+            await self._engine.close()
+
+    # who answers what
+
+    def on_message(self, client: BotClient, message: discord.Message) -> None:
+        """Queue a reply from every persona that should answer ``message``.
+
+        Every client sees every guild message; only its first sighting counts, and the decision covers all
+        personas at once. Each client delivers a channel's messages in order, so first sightings are in
+        channel order too: the per-channel queue then answers in that order, once.
+        """
+        if not self._first_sighting(message.id):
+            return
+        channel_id = message.channel.id
+        wanted = [v for v in self.voices if self.wants(v, message, client)]
+        session = self.sessions.get(channel_id)
+        if session is not None and session.active and _human(message):
+            if not wanted:  # a human interrupting a conversation always gets an answer
+                wanted = [session.next_speaker]
+            session.stop("interrupted")
+            self.stop_replies(channel_id)
+        for voice in wanted:
+            self.queues.submit(channel_id, partial(self.answer, voice, message))
+
+    def _first_sighting(self, message_id: int) -> bool:
+        if message_id in self._seen:
+            return False
+        if len(self._seen_order) == self._seen_order.maxlen:
+            self._seen.discard(self._seen_order[0])
+        self._seen.add(message_id)
+        self._seen_order.append(message_id)
+        return True
+
+    def wants(self, voice: Voice, message: discord.Message, client: BotClient) -> bool:
+        """Answer humans who mention or reply to the persona, DM it, or write in its own channels."""
+        if not _human(message) or message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return False
+        if message.guild is None:
+            return voice.can_dm and voice.client is client
+        if voice.client.get_channel(message.channel.id) is None or not _permits(voice, message.author, message.channel):
+            return False
+        return voice.addressed(message) or bool(_places(message.channel) & set(voice.persona.channels))
+
+    async def answer(self, voice: Voice, message: discord.Message) -> str:
+        """``voice`` replies to ``message`` (which may have come through another persona's client)."""
+        history = await gather(message, self.settings.history_messages, self.resets.get(message.channel.id))
+        messages = render(
+            history, voice.owns, max_messages=self.settings.history_messages, max_chars=self.settings.history_chars
+        )
+        if message.guild is None:
+            return await self.reply(voice, message.channel, messages)
+        channel = voice.client.get_channel(message.channel.id)
+        return await self.reply(voice, channel, messages, reply_to=message)  # type: ignore[arg-type]
+
+    async def reply(
+        self, voice: Voice, channel: discord.abc.Messageable, messages: list[dict[str, str]],
+        reply_to: discord.Message | None = None,
+    ) -> str:
+        """Stream ``voice``'s reply to ``messages`` into ``channel``."""
+        channel_id = channel.id  # type: ignore[attr-defined]
+        stream = ReplyStream(
+            await voice.sink(channel, reply_to), self.limiter, channel_id,
+            placeholder_after=self.settings.placeholder_after,
+        )
+        self.streams[channel_id].add(stream)
+        try:
+            return await stream.run(self.engine.stream(voice.persona.name, messages))
+        finally:
+            self.streams[channel_id].discard(stream)
+            if not self.streams[channel_id]:
+                del self.streams[channel_id]
+
+    # commands
+
+    def voice(self, name: str) -> Voice | None:
+        return next((v for v in self.voices if v.name.lower() == name.strip().lower()), None)
+
+    async def swap(self, voice: Voice, adapter: str) -> Manifest:
+        """Serve another bundle for ``voice``; on any error the old adapter keeps serving."""
+        path = Path(adapter).expanduser()
+        if not path.exists() and not path.is_absolute():
+            path = self.settings.adapters_dir / adapter
+        manifest = await self.engine.load_adapter(voice.name, path.resolve())
+        log.info("persona %s now serves %s (%s)", voice.name, manifest.name, path)
+        return manifest
+
+    def stop_replies(self, channel_id: int) -> int:
+        streams = list(self.streams.get(channel_id, ()))
+        for stream in streams:
+            stream.stop()
+        return len(streams)
+
+    def stop(self, channel_id: int) -> bool:
+        """/stop: end the conversation and any reply streaming in this channel."""
+        session = self.sessions.get(channel_id)
+        stopped = session is not None and session.active
+        if session is not None:
+            session.stop("stopped by /stop")
+        return bool(self.stop_replies(channel_id)) or stopped
+
+    def reset(self, channel_id: int) -> None:
+        """/reset: messages up to now are no longer context in this channel."""
+        self.resets[channel_id] = discord.utils.time_snowflake(discord.utils.utcnow(), high=True)
+
+    def converse(
+        self, channel: discord.abc.Messageable, names: list[str], topic: str, turns: int | None,
+        user: discord.abc.User,
+    ) -> ConverseSession:
+        """/converse: start a bot-to-bot conversation in ``channel``; at most one runs per channel."""
+        voices = []
+        for name in names:
+            voice = self.voice(name)
+            if voice is None:
+                raise CommandError(f"no persona named '{name}' ({', '.join(v.name for v in self.voices)})")
+            if voice in voices:
+                raise CommandError("pick different personas")
+            if voice.client.get_channel(channel.id) is None:  # type: ignore[attr-defined]
+                raise CommandError(f"{voice.name} cannot see this channel")
+            if not _permits(voice, user, channel):
+                raise CommandError(f"{voice.name} may not talk here, or with you")
+            voices.append(voice)
+        current = self.sessions.get(channel.id)  # type: ignore[attr-defined]
+        if current is not None and current.active:
+            raise CommandError("a conversation is already running here; /stop it first")
+        session = ConverseSession(
+            channel.id, voices, topic, min(turns or self.settings.converse_turns, self.settings.converse_max_turns),  # type: ignore[attr-defined]
+            cooldown=self.settings.converse_cooldown, started_by=getattr(user, "display_name", user.name),
+        )
+        self.sessions[session.channel_id] = session
+        task = asyncio.create_task(session.run(partial(self._turn, session)), name=f"converse-{session.channel_id}")
+        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(task)
+        return session
+
+    async def _turn(self, session: ConverseSession, voice: Voice, messages: list[dict[str, str]]) -> str:
+        """One conversation turn, queued behind whatever the channel is already answering."""
+        async def turn() -> str:
+            if not session.active:
+                return ""
+            channel = voice.client.get_channel(session.channel_id)
+            return await self.reply(voice, channel, messages)  # type: ignore[arg-type]
+
+        return await self.queues.submit(session.channel_id, turn)
+
+
+def _places(channel: object) -> set[int]:
+    """A channel, and for a thread its parent too: what allow/block and owned-channel lists match."""
+    return {channel.id, getattr(channel, "parent_id", None) or channel.id}  # type: ignore[attr-defined]
+
+
+def _permits(voice: Voice, user: discord.abc.User, channel: object) -> bool:
+    roles = {role.id for role in getattr(user, "roles", ())}
+    return voice.persona.permits(user.id, roles, _places(channel))
+
+
+def _human(message: discord.Message) -> bool:
+    return not message.author.bot and message.webhook_id is None

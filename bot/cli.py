@@ -1,0 +1,97 @@
+"""`personabot`: serve persona adapters as Discord bots (`run`), or try them offline (`simulate`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from .config import ConfigError, PersonaSpec, Settings, load_personas, load_settings, select
+
+if TYPE_CHECKING:
+    from .engine.base import Engine
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+Personas = Annotated[list[str] | None, typer.Option("--persona", "-p", help="serve only this persona (repeatable)")]
+PersonasFile = Annotated[Path | None, typer.Option(help="YAML/TOML personas file (default: PERSONAS_FILE)")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    logging.getLogger("discord").setLevel(logging.INFO if verbose else logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Configuration and startup problems become one clear line and exit code 2."""
+    from .app import StartupError
+
+    try:
+        yield
+    except (ConfigError, StartupError) as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _config(personas_file: Path | None, names: list[str] | None) -> tuple[Settings, list[PersonaSpec]]:
+    settings = load_settings()
+    return settings, select(load_personas(personas_file or settings.personas_file), names)
+
+
+def engine_factory(settings: Settings):
+    """Create the configured engine later (after the Discord logins are checked, off the event loop)."""
+
+    def create() -> Engine:
+        from .engine import create_engine
+
+        options = {"max_batch": settings.max_batch, "max_context": settings.max_context}
+        return create_engine(
+            settings.engine, base_model=settings.base_model, url=settings.openai_base_url,
+            api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+            quantization=settings.quantization, **{k: v for k, v in options.items() if v is not None},
+        )
+
+    return create
+
+
+@app.command()
+def run(persona: Personas = None, personas_file: PersonasFile = None) -> None:
+    """Connect every persona to Discord: one bot account per token, or webhooks on DISCORD_TOKEN's bot."""
+    from .app import PersonaBot
+
+    async def serve(settings: Settings, personas: list[PersonaSpec]) -> None:
+        bot = PersonaBot(settings, personas, engine_factory(settings))
+        try:
+            await bot.run()
+        finally:
+            await bot.close()
+
+    with _errors(), suppress(KeyboardInterrupt):
+        asyncio.run(serve(*_config(personas_file, persona)))
+
+
+@app.command()
+def simulate(
+    persona: Personas = None, personas_file: PersonasFile = None,
+    port: Annotated[int, typer.Option(help="fake Discord port on 127.0.0.1 (0: any free port)")] = 0,
+) -> None:
+    """Chat with your personas offline: a local fake Discord, the real bot, and this terminal as the user."""
+    from .simulate import simulate as run_simulation
+
+    with _errors(), suppress(KeyboardInterrupt):
+        settings, personas = _config(personas_file, persona)
+        asyncio.run(run_simulation(settings, personas, engine_factory(settings), port=port, console=console))

@@ -1,0 +1,165 @@
+"""Bot configuration: process settings from the environment / ``.env``, personas from a YAML or TOML file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """Bad or missing configuration; the message names the file, persona or environment variable at fault."""
+
+
+def _id_list(value: object) -> object:
+    """Accept ``1,2,3`` from the environment as well as real lists."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Process-wide settings; every field is an environment variable of the same name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      env_ignore_empty=True)
+
+    engine: Literal["local", "openai"] = "local"
+    base_model: str | None = None
+    quantization: Literal["auto", "nf4", "none"] = "auto"
+    max_batch: int | None = Field(None, gt=0)
+    max_context: int | None = Field(None, gt=0)
+    openai_base_url: str | None = None
+    openai_api_key: SecretStr | None = None
+    personas_file: Path = Path("personas.yaml")
+    discord_token: SecretStr | None = None
+    adapters_dir: Path = Path("adapters")
+    owner_ids: Annotated[list[int], NoDecode] = []
+    command_guilds: Annotated[list[int], NoDecode] = []
+    edit_interval: float = Field(1.2, gt=0, description="seconds between writes to one channel")
+    edits_per_second: float = Field(20.0, gt=0, description="writes per second across the whole process")
+    placeholder_after: float = Field(0.8, ge=0, description="post '…' if no text has arrived by then")
+    history_messages: int = Field(20, gt=0)
+    history_chars: int = Field(6000, gt=0)
+    converse_turns: int = Field(6, gt=0)
+    converse_max_turns: int = Field(20, gt=0)
+    converse_cooldown: float = Field(3.0, ge=0)
+
+    _ids = field_validator("owner_ids", "command_guilds", mode="before")(_id_list)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment and ``.env``; a bad value is an error naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{str(first['loc'][0]).upper()}={first.get('input')!r}: {first['msg']}") from exc
+
+
+class Rules(BaseModel):
+    """Discord ids a persona's allow or block list matches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    users: list[int] = []
+    roles: list[int] = []
+    channels: list[int] = []
+
+
+class PersonaSpec(BaseModel):
+    """One persona: the adapter it serves and how it appears in Discord."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: str = Field(min_length=1, max_length=80)
+    adapter: Path = Field(description="adapter bundle folder, relative to the personas file")
+    token_env: str | None = Field(None, description="env var holding this persona's bot token; unset: webhook mode")
+    avatar: str | None = Field(None, description="avatar URL for webhook mode")
+    channels: list[int] = Field([], description="channels where the persona answers every message")
+    allow: Rules = Rules()
+    block: Rules = Rules()
+
+    @property
+    def webhook(self) -> bool:
+        return self.token_env is None
+
+    def permits(self, user_id: int, role_ids: set[int], channel_ids: set[int]) -> bool:
+        """Block lists win; a non-empty allow list of users/roles or of channels must then match."""
+        if user_id in self.block.users or role_ids & set(self.block.roles) or channel_ids & set(self.block.channels):
+            return False
+        if (self.allow.users or self.allow.roles) and not (
+            user_id in self.allow.users or role_ids & set(self.allow.roles)
+        ):
+            return False
+        return not self.allow.channels or bool(channel_ids & set(self.allow.channels))
+
+
+class _PersonasFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    personas: list[PersonaSpec] = Field(min_length=1)
+
+
+def load_personas(path: str | Path) -> list[PersonaSpec]:
+    """Read a YAML or TOML personas file; adapter paths become absolute, names must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: personas file not found (set PERSONAS_FILE)")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    try:
+        personas = _PersonasFile.model_validate(data or {}).personas
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: field '{where}': {first['msg']}") from exc
+    seen: set[str] = set()
+    for persona in personas:
+        if persona.name.lower() in seen:
+            raise ConfigError(f"{path}: persona '{persona.name}' is defined twice")
+        seen.add(persona.name.lower())
+        persona.adapter = (path.parent / persona.adapter).resolve()
+    return personas
+
+
+def select(personas: list[PersonaSpec], names: list[str] | None) -> list[PersonaSpec]:
+    """The personas named on the command line (all when none are), or an error naming the unknown one."""
+    if not names:
+        return personas
+    by_name = {p.name.lower(): p for p in personas}
+    for name in names:
+        if name.lower() not in by_name:
+            known = ", ".join(p.name for p in personas)
+            raise ConfigError(f"unknown persona '{name}' (the personas file defines: {known})")
+    return [by_name[name.lower()] for name in names]
+
+
+def persona_token(persona: PersonaSpec, settings: Settings) -> str:
+    """The bot token a persona logs in with: its own variable, or DISCORD_TOKEN in webhook mode."""
+    if persona.token_env is None:
+        token = settings.discord_token.get_secret_value() if settings.discord_token else ""
+        if not token.strip():
+            raise ConfigError(f"persona '{persona.name}' uses webhook mode (no token_env), "
+                              "but DISCORD_TOKEN is not set")
+        return token.strip()
+    env_file = settings.model_config.get("env_file")
+    token = os.environ.get(persona.token_env) or (
+        dotenv_values(env_file).get(persona.token_env) if env_file and Path(str(env_file)).is_file() else None
+    )
+    if not token or not token.strip():
+        raise ConfigError(f"persona '{persona.name}': environment variable {persona.token_env} "
+                          "(its bot token) is not set")
+    return token.strip()

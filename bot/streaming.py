@@ -1,0 +1,160 @@
+"""One streamed reply: a message that appears fast, is edited at a safe cadence and splits at 2000 chars."""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+DISCORD_LIMIT = 2000
+PLACEHOLDER = "…"
+
+
+class Sink(Protocol):
+    """Where a reply's messages go: a bot's channel or a persona's webhook."""
+
+    async def post(self, content: str) -> int:
+        """Send a new message; returns its id."""
+
+    async def edit(self, message_id: int, content: str) -> None:
+        """Replace the content of a message this sink posted."""
+
+    def typing(self) -> AbstractAsyncContextManager[object]:
+        """Show 'is typing…' while the reply is being thought up."""
+
+
+class EditLimiter:
+    """Spaces every message write in the process: per channel, and globally.
+
+    Each write reserves a time slot when it asks: the earliest that is ``per_channel`` after the channel's
+    previous write and at least ``1 / per_second`` away from every other reserved write. Waiters are served
+    in order, a channel waiting for its own turn never holds up other channels, and the rate holds however
+    many replies stream at once, so Discord's per-route buckets are never exhausted by us.
+    """
+
+    def __init__(self, per_channel: float = 1.2, per_second: float = 20.0) -> None:
+        self.per_channel = per_channel
+        self.spacing = 1.0 / per_second
+        self._next: dict[int, float] = {}
+        self._slots: list[float] = []  # reserved write times, sorted
+
+    async def acquire(self, channel_id: int) -> None:
+        now = time.monotonic()
+        del self._slots[: bisect.bisect_left(self._slots, now - self.spacing)]
+        slot = max(now, self._next.get(channel_id, 0.0))
+        for taken in self._slots:
+            if taken >= slot + self.spacing:
+                break
+            if taken > slot - self.spacing:
+                slot = taken + self.spacing
+        bisect.insort(self._slots, slot)
+        self._next[channel_id] = slot + self.per_channel
+        if len(self._next) > 4096:
+            self._next = {k: t for k, t in self._next.items() if t > now}
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
+    """Cut text into messages of at most ``limit`` chars, at a line break, else a space, else anywhere.
+
+    Only the first ``limit + 1`` chars decide each cut, so chunks already sent never change as text grows.
+    """
+    chunks: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        window = rest[: limit + 1]
+        cut = window.rfind("\n")
+        if cut < limit // 2:
+            cut = window.rfind(" ")
+        if cut <= 0:
+            cut = limit
+        chunks.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        chunks.append(rest)
+    return chunks
+
+
+class ReplyStream:
+    """Mirror a growing text into Discord messages; ``stop()`` ends it early, keeping what was written."""
+
+    def __init__(
+        self, sink: Sink, limiter: EditLimiter, channel_id: int, *, placeholder_after: float = 0.8,
+        limit: int = DISCORD_LIMIT,
+    ) -> None:
+        self.sink = sink
+        self.limiter = limiter
+        self.channel_id = channel_id
+        self.placeholder_after = placeholder_after
+        self.limit = limit
+        self.text = ""
+        self.message_ids: list[int] = []
+        self._shown: list[str] = []
+        self._changed = asyncio.Event()
+        self._pump: asyncio.Task | None = None
+
+    def stop(self) -> None:
+        """Stop generating (frees the engine slot at once); what was generated so far still lands."""
+        if self._pump is not None:
+            self._pump.cancel()
+
+    async def run(self, pieces: AsyncIterator[str]) -> str:
+        """Stream ``pieces`` to Discord; returns the full text. The last write always has the final text."""
+        self._pump = pump = asyncio.create_task(self._consume(pieces))
+        try:
+            async with self.sink.typing():
+                await self._wait(pump, self.placeholder_after)
+            while True:  # from here on something is visible: the text so far, or a placeholder
+                if self._target() == self._shown:
+                    if pump.done():
+                        return self.text
+                    self._changed.clear()
+                    await self._wait(pump, None)
+                    continue
+                self._changed.clear()
+                await self.limiter.acquire(self.channel_id)
+                await self._write(self._target())
+        finally:
+            pump.cancel()
+
+    async def _consume(self, pieces: AsyncIterator[str]) -> None:
+        try:
+            async for piece in pieces:
+                self.text += piece
+                self._changed.set()
+        except Exception as exc:  # the engine failed this request: say so in the reply itself
+            log.warning("generation failed in channel %s: %s", self.channel_id, exc)
+            self.text += f"\n⚠️ generation failed: {exc}"
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _wait(self, pump: asyncio.Task, timeout: float | None) -> None:
+        """Until new text, the end of the stream, or the timeout."""
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({pump, changed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+
+    def _target(self) -> list[str]:
+        return split_message(self.text, self.limit) or [PLACEHOLDER]
+
+    async def _write(self, chunks: list[str]) -> None:
+        """Bring the first message that differs up to date: one write per limiter slot."""
+        for i, chunk in enumerate(chunks):
+            if i == len(self._shown):
+                self.message_ids.append(await self.sink.post(chunk))
+                self._shown.append(chunk)
+                return
+            if self._shown[i] != chunk:
+                await self.sink.edit(self.message_ids[i], chunk)
+                self._shown[i] = chunk
+                return

@@ -1,0 +1,235 @@
+"""The bot's parts on their own: splitting, cadence, streaming, queues, context, configuration."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from types import SimpleNamespace
+
+import discord
+import pytest
+from fake_discord_harness import async_test
+
+from bot.config import ConfigError, Settings, load_personas, persona_token, select
+from bot.conversation import render
+from bot.queues import ChannelQueues
+from bot.streaming import PLACEHOLDER, EditLimiter, ReplyStream, split_message
+
+
+# splitting
+
+
+def test_split_prefers_lines_then_words_and_never_exceeds_the_limit():
+    assert split_message("  short  ") == ["short"]
+    lines = "a" * 1500 + "\n" + "b" * 1000
+    assert split_message(lines) == ["a" * 1500, "b" * 1000]
+    words = ("word " * 500).strip()
+    chunks = split_message(words)
+    assert all(len(c) <= 2000 for c in chunks) and " ".join(chunks) == words
+    assert all(c.endswith("word") for c in chunks)
+    assert split_message("x" * 4500) == ["x" * 2000, "x" * 2000, "x" * 500]
+
+
+def test_split_chunks_already_sent_do_not_change_as_the_text_grows():
+    text = " ".join(f"w{i}" for i in range(2000))
+    first = split_message(text[:2100])[0]
+    assert all(split_message(text[:n])[0] == first for n in range(2001, len(text), 97))
+
+
+# cadence
+
+
+@async_test
+async def test_limiter_spaces_writes_per_channel_and_globally():
+    limiter = EditLimiter(per_channel=0.1, per_second=50)
+    start = time.monotonic()
+    times = []
+    for _ in range(3):
+        await limiter.acquire(1)
+        times.append(time.monotonic() - start)
+    assert times[1] - times[0] >= 0.095 and times[2] - times[1] >= 0.095
+    start = time.monotonic()
+    await asyncio.gather(*(limiter.acquire(channel) for channel in range(10, 20)))
+    assert time.monotonic() - start >= 9 / 50 - 0.01, "other channels still share the global budget"
+    await limiter.acquire(1)
+    waiting = asyncio.create_task(limiter.acquire(1))  # channel 1's next slot is 0.1 s away...
+    await asyncio.sleep(0)
+    start = time.monotonic()
+    await limiter.acquire(2)
+    assert time.monotonic() - start < 0.05, "...which does not hold up another channel"
+    await waiting
+
+
+# streaming
+
+
+class Sink:
+    """Records writes; the typing context counts how long 'typing' was shown."""
+
+    def __init__(self) -> None:
+        self.messages: dict[int, str] = {}
+        self.writes: list[tuple[float, str, str]] = []
+
+    async def post(self, content: str) -> int:
+        self.messages[len(self.messages) + 1] = content
+        self.writes.append((time.monotonic(), "post", content))
+        return len(self.messages)
+
+    async def edit(self, message_id: int, content: str) -> None:
+        self.messages[message_id] = content
+        self.writes.append((time.monotonic(), "edit", content))
+
+    def typing(self):
+        return contextlib.nullcontext()
+
+
+async def pieces(text: str, delay: float, first: float = 0.0, closed: list | None = None):
+    try:
+        await asyncio.sleep(first)
+        for i in range(0, len(text), 2):
+            yield text[i:i + 2]
+            await asyncio.sleep(delay)
+    finally:
+        if closed is not None:
+            closed.append(True)
+
+
+@async_test
+async def test_stream_posts_at_once_edits_at_the_cadence_and_the_final_text_lands():
+    sink = Sink()
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    stream = ReplyStream(sink, EditLimiter(per_channel=0.1, per_second=100), 1)
+    assert await stream.run(pieces(text, 0.004)) == text
+    assert sink.writes[0][1] == "post" and len(sink.writes[0][2]) <= 4, "first text shows immediately"
+    assert sink.messages == {1: text.strip()}, "the final edit landed although the stream ended between ticks"
+    gaps = [b[0] - a[0] for a, b in zip(sink.writes, sink.writes[1:])]
+    assert all(g >= 0.095 for g in gaps) and len(sink.writes) <= 5
+
+
+@async_test
+async def test_stream_placeholder_empty_reply_error_and_stop():
+    sink = Sink()
+    stream = ReplyStream(sink, EditLimiter(0.01, 1000), 1, placeholder_after=0.05)
+    await stream.run(pieces("late", 0.001, first=0.2))
+    assert sink.writes[0][1:] == ("post", PLACEHOLDER) and sink.messages == {1: "late"}
+
+    sink = Sink()
+    await ReplyStream(sink, EditLimiter(0.01, 1000), 1).run(pieces("   ", 0.001))
+    assert sink.messages == {1: PLACEHOLDER}
+
+    async def broken():
+        yield "half a"
+        raise RuntimeError("boom")
+
+    sink = Sink()
+    await ReplyStream(sink, EditLimiter(0.01, 1000), 1).run(broken())
+    assert sink.messages[1] == "half a\n⚠️ generation failed: boom"
+
+    sink, closed = Sink(), []
+    stream = ReplyStream(sink, EditLimiter(0.01, 1000), 1)
+    task = asyncio.create_task(stream.run(pieces("z" * 10_000, 0.01, closed=closed)))
+    await asyncio.sleep(0.1)
+    stream.stop()
+    text = await asyncio.wait_for(task, 1)
+    assert closed and 0 < len(text) < 100 and sink.messages[1] == text, "stopped: what was written stays"
+
+
+# queues
+
+
+@async_test
+async def test_queues_keep_order_per_channel_and_survive_failures():
+    queues, done = ChannelQueues(), []
+
+    def job(channel: int, k: int):
+        async def run():
+            await asyncio.sleep(0.01 * (3 - k))
+            if k == 1:
+                raise ValueError("job 1 fails")
+            done.append((channel, k))
+            return k
+        return run
+
+    futures = [queues.submit(channel, job(channel, k)) for k in range(3) for channel in (1, 2)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert [c for c, k in done if c == 1] == [1, 1] and [k for c, k in done if c == 1] == [0, 2]
+    assert isinstance(results[2], ValueError) and results[4] == 2
+    assert done[:2] == [(1, 0), (2, 0)], "channels run side by side"
+    assert queues.idle
+
+
+# context
+
+
+def msg(author: str, text: str, *, mine: bool = False, kind=discord.MessageType.default):
+    return SimpleNamespace(author=SimpleNamespace(display_name=author), clean_content=text, attachments=[],
+                           type=kind, mine=mine)
+
+
+def test_render_names_speakers_merges_turns_and_keeps_the_newest():
+    history = [msg("Alice", "hi"), msg("Bob", "yo"), msg("Brine", "Arr.", mine=True),
+               msg("Brine", "/reset", kind=discord.MessageType.chat_input_command), msg("Alice", "more?")]
+    assert render(history, lambda m: m.mine, max_messages=10, max_chars=1000) == [
+        {"role": "user", "content": "Alice: hi\nBob: yo"},
+        {"role": "assistant", "content": "Arr."},
+        {"role": "user", "content": "Alice: more?"},
+    ]
+    assert render(history, lambda m: m.mine, max_messages=2, max_chars=1000) == [
+        {"role": "assistant", "content": "Arr."}, {"role": "user", "content": "Alice: more?"}]
+    assert render([msg("Alice", "x" * 50)], lambda m: False, max_messages=5, max_chars=10) == [
+        {"role": "user", "content": "x" * 10}]
+
+
+# configuration
+
+
+def test_personas_file_yaml_and_toml(tmp_path):
+    (tmp_path / "personas.yaml").write_text(
+        "personas:\n"
+        "  - name: Brine\n    adapter: adapters/brine\n    token_env: BRINE_TOKEN\n    channels: [1, 2]\n"
+        "    block: {users: [7]}\n"
+        "  - name: Reef\n    adapter: /abs/reef\n    avatar: https://x/reef.png\n"
+    )
+    brine, reef = load_personas(tmp_path / "personas.yaml")
+    assert brine.adapter == (tmp_path / "adapters/brine").resolve() and brine.channels == [1, 2]
+    assert not brine.webhook and reef.webhook and str(reef.adapter) == "/abs/reef"
+    assert not brine.permits(7, set(), {1}) and brine.permits(8, set(), {1})
+    (tmp_path / "p.toml").write_text('[[personas]]\nname = "Kelp"\nadapter = "k"\n[personas.allow]\nroles = [5]\n')
+    (kelp,) = load_personas(tmp_path / "p.toml")
+    assert kelp.permits(1, {5}, set()) and not kelp.permits(1, {6}, set())
+    assert select([brine, reef], ["reef"]) == [reef]
+    with pytest.raises(ConfigError, match="unknown persona 'Coral' .*Brine, Reef"):
+        select([brine, reef], ["Coral"])
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("personas: []\n", "field 'personas'"),
+    ("personas:\n  - name: A\n    adapter: a\n    tokn_env: X\n", "field 'personas.0.tokn_env'"),
+    ("personas:\n  - {name: A, adapter: a}\n  - {name: a, adapter: b}\n", "'a' is defined twice"),
+    ("personas: [\n", "cannot parse"),
+])
+def test_personas_file_errors_name_the_problem(tmp_path, text, problem):
+    path = tmp_path / "personas.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load_personas(path)
+    with pytest.raises(ConfigError, match="personas file not found"):
+        load_personas(tmp_path / "missing.yaml")
+
+
+def test_tokens_come_from_the_environment_or_dotenv(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    (tmp_path / "personas.yaml").write_text(
+        "personas:\n  - {name: Brine, adapter: a, token_env: BRINE_TOKEN}\n  - {name: Reef, adapter: b}\n")
+    brine, reef = load_personas(tmp_path / "personas.yaml")
+    with pytest.raises(ConfigError, match="'Brine': environment variable BRINE_TOKEN"):
+        persona_token(brine, Settings())
+    with pytest.raises(ConfigError, match="'Reef' uses webhook mode .* DISCORD_TOKEN is not set"):
+        persona_token(reef, Settings())
+    (tmp_path / ".env").write_text("BRINE_TOKEN=from-dotenv\nDISCORD_TOKEN=host\nOWNER_IDS=1, 2\n")
+    settings = Settings()
+    assert persona_token(brine, settings) == "from-dotenv" and persona_token(reef, settings) == "host"
+    assert settings.owner_ids == [1, 2]
+    monkeypatch.setenv("BRINE_TOKEN", "from-env")
+    assert persona_token(brine, settings) == "from-env"
