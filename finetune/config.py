@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .conversation import DataError
 
@@ -57,6 +57,17 @@ class TrainConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
+
+    @model_validator(mode="after")
+    def _best_checkpoint_is_saved(self) -> TrainConfig:
+        # early stopping restores the best evaluated checkpoint, so every evaluation must have one saved
+        t = self.train
+        if t.early_stopping_patience and self.data.eval_fraction and t.save_steps % t.eval_steps:
+            raise ValueError(
+                f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}) "
+                "while early stopping is on (train.early_stopping_patience > 0)"
+            )
+        return self
 
     @property
     def checkpoints(self) -> Path:

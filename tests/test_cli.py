@@ -25,6 +25,8 @@ def test_config_overrides_are_typed_and_validated(tmp_path):
         load_config(path, ["train.lerning_rate=1"])
     with pytest.raises(DataError, match=r"lora.r: Input should be greater than 0"):
         load_config(path, ["lora.r=0"])
+    with pytest.raises(DataError, match=r"save_steps \(20\) must be a multiple of train.eval_steps \(15\)"):
+        load_config(path, ["train.save_steps=20", "train.eval_steps=15"])
     with pytest.raises(DataError, match=r"expected key=value"):
         load_config(path, ["train.epochs"])
     path.write_text("persona: [unclosed\n")

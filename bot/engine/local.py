@@ -1,0 +1,127 @@
+"""The embedded backend: transformers in this process, one base model, any number of LoRA adapters.
+
+The base loads on the scheduler's worker thread (4-bit NF4 where bitsandbytes works, else bf16/fp32),
+so creating the engine never blocks the event loop; every call waits for it to be ready. See
+``scheduler`` for how requests are batched and ``adapters`` for how bundles are checked.
+
+Adapters live in LoRA weight slots (see ``lora``) mapped from their public names. A reload copies the
+new weights into a fresh slot, then swaps the mapping: requests already streaming finish on the old
+weights, whose slot is freed once the last of them ends. A bundle that fails any check never reaches
+the mapping, so the old adapter keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.bundle import Manifest
+from finetune.model import EMBEDDED_DEFAULT, Quantization
+from finetune.persona import Sampling
+
+from .adapters import prepare_adapter
+from .base import Engine, EngineError
+from .context import fit_messages, prompt_budget
+from .runtime import Runtime
+from .scheduler import DONE, Request, Scheduler, Sink
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    slot: int
+    manifest: Manifest
+    bundle_dir: Path
+
+
+class LocalEngine(Engine):
+    def __init__(
+        self,
+        base_model: str = EMBEDDED_DEFAULT,
+        quantization: Quantization = "auto",
+        dtype: torch.dtype | None = None,
+        max_batch: int = 8,
+        max_context: int | None = None,
+    ) -> None:
+        """``max_batch``: requests decoded together (more wait for a slot). ``max_context``: prompt + reply
+        tokens per request; default and upper bound: the model's ``max_position_embeddings``."""
+        self._base_model = base_model
+        self._max_context = max_context
+        self._adapters: dict[str, _Loaded] = {}
+        self._scheduler = Scheduler(lambda: Runtime.load(base_model, quantization, dtype), max_batch)
+
+    @property
+    def active_requests(self) -> int:
+        """Requests decoding or waiting for a batch slot."""
+        return self._scheduler.active
+
+    async def _runtime(self) -> Runtime:
+        try:
+            return await asyncio.wrap_future(self._scheduler.ready)
+        except Exception as exc:
+            raise EngineError(f"base model '{self._base_model}' failed to load: {exc}") from exc
+
+    def _entry(self, name: str) -> _Loaded:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            loaded = ", ".join(sorted(self._adapters)) or "none"
+            raise EngineError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
+
+    async def load_adapter(self, name: str, bundle_dir: str | Path) -> Manifest:
+        rt = await self._runtime()
+        prepared = await asyncio.to_thread(prepare_adapter, name, Path(bundle_dir).resolve(), rt.info)
+        job = self._scheduler.call(rt.add_adapter, prepared)
+        try:
+            slot = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:  # the worker may still add it: make sure it is removed again
+            job.add_done_callback(lambda f: f.cancelled() or f.exception() or self._scheduler.retire(f.result()))
+            raise
+        except Exception as exc:  # e.g. out of memory for the weights
+            raise EngineError(f"adapter '{name}': {prepared.bundle_dir}: cannot load: {exc!r}") from exc
+        old = self._adapters.get(name)
+        self._adapters[name] = _Loaded(slot, prepared.manifest, prepared.bundle_dir)
+        if old is not None:
+            self._scheduler.retire(old.slot)
+        return prepared.manifest
+
+    async def unload_adapter(self, name: str) -> None:
+        entry = self._entry(name)
+        del self._adapters[name]
+        self._scheduler.retire(entry.slot)
+
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def manifest(self, name: str) -> Manifest:
+        return self._entry(name).manifest
+
+    def bundle_dir(self, name: str) -> Path:
+        return self._entry(name).bundle_dir
+
+    async def stream(
+        self, adapter: str, messages: list[dict[str, str]], sampling: Sampling | None = None
+    ) -> AsyncIterator[str]:
+        rt = await self._runtime()
+        context = min(self._max_context or rt.context, rt.context)
+        while True:
+            entry = self._entry(adapter)
+            params = sampling or entry.manifest.sampling
+            budget = prompt_budget(context, params.max_new_tokens, adapter)
+            _, prompt = await asyncio.to_thread(fit_messages, rt.tokenizer, entry.manifest, messages, budget, adapter)
+            if self._adapters.get(adapter) is entry:  # else it was reloaded meanwhile: render with the new one
+                break
+        request = Request(adapter, entry.slot, prompt, params, Sink())
+        self._scheduler.submit(request)
+        try:
+            while (item := await request.sink.queue.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._scheduler.close)

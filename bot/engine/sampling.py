@@ -1,0 +1,53 @@
+"""Pick each row's next token with its own persona's sampling settings, for the whole batch at once."""
+from __future__ import annotations
+
+import torch
+
+from finetune.persona import Sampling
+
+
+def row_params(sampling: Sampling, device: torch.device) -> dict[str, torch.Tensor]:
+    """One request's settings as 1-row tensors, so a batch is just their concatenation."""
+    return {
+        "temperature": torch.tensor([sampling.temperature], dtype=torch.float32, device=device),
+        "top_p": torch.tensor([sampling.top_p], dtype=torch.float32, device=device),
+        "top_k": torch.tensor([sampling.top_k], dtype=torch.long, device=device),
+        "penalty": torch.tensor([sampling.repetition_penalty], dtype=torch.float32, device=device),
+    }
+
+
+def seen_tokens(prompt: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """[1, vocab] flags of the tokens the repetition penalty applies to (the prompt, then the reply)."""
+    seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+    seen[0, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+    return seen
+
+
+def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] next token ids from [B, V] float logits; the same order of steps as ``transformers.generate``.
+
+    Repetition penalty (divide positive / multiply negative logits of seen tokens), then per row either
+    greedy (temperature 0) or temperature, top-k (0 = off), top-p and a multinomial draw.
+    """
+    penalty = rows["penalty"][:, None]
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    logits = torch.where(rows["seen"], penalized, logits)
+    greedy = logits.argmax(dim=-1)
+    temperature = rows["temperature"]
+    if bool((temperature == 0).all()):
+        return greedy
+
+    scaled = logits / temperature.clamp(min=1e-5)[:, None]
+    top_k = rows["top_k"][:, None]
+    if bool(((top_k[:, 0] == 0) & (temperature > 0)).any()):  # some row samples from the whole vocabulary
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    else:  # only the best k can win: no need to sort the whole vocabulary
+        sorted_logits, order = scaled.topk(min(int(top_k.max()), logits.shape[-1]), dim=-1)
+    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= rows["top_p"][:, None], float("-inf"))
+    choice = torch.multinomial(sorted_logits.softmax(dim=-1), 1)
+    sampled = order.gather(-1, choice).squeeze(-1)
+    return torch.where(temperature == 0, greedy, sampled)

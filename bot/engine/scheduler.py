@@ -1,0 +1,326 @@
+"""The one worker thread that owns the model and decodes every request in a shared, changing batch.
+
+Continuous batching, step by step:
+
+1. run queued jobs (adapter load/delete) - the model is only ever touched from this thread;
+2. drop cancelled requests;
+3. admit waiting requests while fewer than ``max_batch`` are decoding: their prompts run as one
+   left-padded prefill (each row with its own adapter), the first token is sampled, and the rows join
+   the running batch (``DecodeBatch``);
+4. one decode step: a single forward over all active rows, each with its own adapter (a LoRA slot,
+   see ``lora``), position and sampling settings; finished rows leave the batch at once;
+5. delete retired adapters (unloaded or replaced) that no request uses any more.
+
+A long reply therefore never holds back a short one: a request started later joins at the next step
+and leaves as soon as it is done. The price is that a newcomer's prefill pauses everyone else's decoding
+for that one forward. Text goes back to each consumer's event loop through
+``loop.call_soon_threadsafe`` (one call per loop per step), so the event loop never waits on the model.
+
+Errors stay with the request that caused them: a failing prefill is retried row by row so only the bad
+request fails; out of memory during a decode step evicts the newest request and the rest go on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from finetune.persona import Sampling
+
+from .base import EngineError
+from .kvbatch import DecodeBatch
+from .runtime import Runtime
+from .sampling import next_tokens, row_params, seen_tokens
+from .text import ReplyText
+
+log = logging.getLogger(__name__)
+
+DONE = object()
+"""Queue item that ends a reply."""
+
+
+class Sink:
+    """Where one request's pieces go: an asyncio.Queue on the consumer's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+
+@dataclass(eq=False)
+class Request:
+    adapter: str
+    """public adapter name, for error messages"""
+    slot: int
+    """the LoRA slot that serves it (a reload fills a new slot; this one stays until the request ends)"""
+    prompt: list[int]
+    sampling: Sampling
+    sink: Sink
+    cancelled: bool = False
+    """set from the consumer's side; the worker drops the request before its next step"""
+    tokens: list[int] = field(default_factory=list)
+    text: ReplyText | None = None
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class _Outbox:
+    """What one step produced, handed to each event loop in a single thread-safe call."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = defaultdict(list)
+
+    def put(self, request: Request, item: Any) -> None:
+        self._items[request.sink.loop].append((request.sink.queue, item))
+
+    def flush(self) -> None:
+        for loop, items in self._items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
+        self._items.clear()
+
+
+_CLOSE = object()
+
+
+class Scheduler:
+    def __init__(self, load: Callable[[], Runtime], max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.ready: Future[Runtime] = Future()
+        self._max_batch = max_batch
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._waiting: deque[Request] = deque()
+        self._rows: list[Request] = []
+        self._batch: DecodeBatch | None = None
+        self._retired: set[int] = set()
+        self._outbox = _Outbox()
+        self._runtime: Runtime | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, args=(load,), name="personabot-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        """Requests decoding or waiting for a slot."""
+        return len(self._rows) + len(self._waiting)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the worker between two steps."""
+        future: Future = Future()
+        self._put("job", (future, fn, args))
+        return future
+
+    def submit(self, request: Request) -> None:
+        self._put("request", request)
+
+    def retire(self, slot: int) -> None:
+        """Delete this adapter from the model once no request uses it any more."""
+        self._put("retire", slot)
+
+    def close(self) -> None:
+        """Fail what is pending, free the model and end the thread (returns once it has ended)."""
+        self._closed = True
+        self._inbox.put((_CLOSE, None))
+        self._thread.join()
+
+    def _put(self, kind: str, payload: Any) -> None:
+        if self._closed:
+            raise EngineError("engine closed")
+        self._inbox.put((kind, payload))
+
+    # --- worker thread -------------------------------------------------------------------------------
+
+    def _run(self, load: Callable[[], Runtime]) -> None:
+        try:
+            self._runtime = load()
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            return
+        self.ready.set_result(self._runtime)
+        while self._drain():
+            try:
+                self._drop_cancelled()
+                with torch.inference_mode():
+                    self._admit()
+                    if self._rows:
+                        self._decode()
+                self._release_retired()
+            except Exception as exc:  # a bug or a broken device: fail this batch, keep serving
+                log.exception("engine step failed")
+                self._fail_all(EngineError(f"generation failed: {exc!r}"))
+            self._outbox.flush()
+        self._shutdown()
+
+    def _drain(self) -> bool:
+        """Take everything from the inbox, blocking while idle. False once closing."""
+        block = not self._rows and not self._waiting
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind is _CLOSE:
+                return False
+            if kind == "request":
+                self._waiting.append(payload)
+            elif kind == "retire":
+                self._retired.add(payload)
+            else:
+                future, fn, args = payload
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+
+    def _drop_cancelled(self) -> None:
+        if any(r.cancelled for r in self._waiting):
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        self._remove([i for i, r in enumerate(self._rows) if r.cancelled])
+
+    def _release_retired(self) -> None:
+        if not self._retired:
+            return
+        in_use = {r.slot for r in self._rows} | {r.slot for r in self._waiting}
+        for slot in self._retired - in_use:
+            self._runtime.delete_adapter(slot)
+            self._retired.discard(slot)
+
+    def _admit(self) -> None:
+        free = self._max_batch - len(self._rows)
+        group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        if not group:
+            return
+        try:
+            self._prefill(group)
+        except Exception as exc:
+            if len(group) == 1:
+                self._fail(group[0], exc)
+                return
+            for request in group:  # find the one at fault; the others still get their reply
+                try:
+                    self._prefill([request])
+                except Exception as single_exc:
+                    self._fail(request, single_exc)
+
+    def _prefill(self, group: list[Request]) -> None:
+        rt = self._runtime
+        params = [row_params(r.sampling, rt.device) for r in group]
+        rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+        forward = partial(rt.forward, slots=[r.slot for r in group])
+        batch, logits = DecodeBatch.prefill(forward, [r.prompt for r in group], rows, rt.pad_id, rt.device)
+        vocab = logits.shape[-1]
+        batch.rows["seen"] = torch.cat([seen_tokens(r.prompt, vocab, rt.device) for r in group])
+        tokens = self._sample(batch, logits)
+        if self._batch is None:
+            self._batch, self._rows = batch, []
+        else:
+            self._batch.extend(batch)
+        start = len(self._rows)
+        self._rows.extend(group)
+        for r in group:
+            r.text = ReplyText(rt.tokenizer, r.prompt, r.sampling.stop)
+        done = self._accept(group, tokens)
+        self._remove([start + i for i in done])
+
+    def _decode(self) -> None:
+        forward = partial(self._runtime.forward, slots=[r.slot for r in self._rows])
+        try:
+            logits = self._batch.step(forward, self._batch.rows["last"])
+        except torch.OutOfMemoryError:
+            newest = len(self._rows) - 1
+            self._fail(self._rows[newest], EngineError("out of memory while decoding; request dropped"))
+            self._remove([newest])
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return
+        done = self._accept(self._rows, self._sample(self._batch, logits))
+        self._remove(done)
+
+    def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[int]:
+        tokens = next_tokens(logits, batch.rows)
+        batch.rows["last"] = tokens
+        batch.rows["seen"].scatter_(1, tokens[:, None], True)
+        return tokens.tolist()
+
+    def _accept(self, requests: list[Request], tokens: list[int]) -> list[int]:
+        """Record each request's new token and stream its text; returns the indices that finished."""
+        done = []
+        for i, (r, token) in enumerate(zip(requests, tokens)):
+            if token in self._runtime.stop_ids:
+                self._finish(r)
+                done.append(i)
+                continue
+            r.tokens.append(token)
+            piece = r.text.push(token)
+            if piece:
+                self._outbox.put(r, piece)
+            if r.text.stopped or len(r.tokens) >= r.sampling.max_new_tokens:
+                self._finish(r)
+                done.append(i)
+        return done
+
+    def _remove(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        if keep:
+            self._batch.keep(keep)
+        else:
+            self._batch = None
+        self._rows = [self._rows[i] for i in keep]
+
+    def _finish(self, request: Request) -> None:
+        piece = request.text.flush()
+        if piece:
+            self._outbox.put(request, piece)
+        self._outbox.put(request, DONE)
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            exc = EngineError("out of memory while reading the prompt; request dropped")
+        elif not isinstance(exc, EngineError):
+            log.error("request on adapter '%s' failed", request.adapter, exc_info=exc)
+            exc = EngineError(f"adapter '{request.adapter}': generation failed: {exc!r}")
+        self._outbox.put(request, exc)
+
+    def _fail_all(self, exc: EngineError) -> None:
+        """Fail every decoding request (after an error no single request can be blamed for)."""
+        for request in self._rows:
+            self._outbox.put(request, EngineError(str(exc)))
+        self._rows, self._batch = [], None
+
+    def _shutdown(self) -> None:
+        self._fail_all(EngineError("engine closed"))
+        for request in self._waiting:
+            self._outbox.put(request, EngineError("engine closed"))
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "request":
+                self._outbox.put(payload, EngineError("engine closed"))
+            elif kind == "job":
+                payload[0].set_exception(EngineError("engine closed"))
+        self._outbox.flush()
+        self._runtime = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,56 @@
+"""Adapter bundles for engine tests: deterministic random LoRA weights, written like ``finetune`` writes them."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.bundle import LoraInfo, Manifest, save_bundle
+from finetune.model import fingerprint, resolve
+from finetune.persona import Sampling
+
+GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=24)
+
+
+def make_bundle(
+    model_dir: Path,
+    out: Path,
+    seed: int,
+    name: str = "Persona",
+    r: int = 4,
+    alpha: int | None = None,
+    target_modules: list[str] | str = "all-linear",
+    sampling: Sampling = GREEDY,
+    system_prompt: str = "You are a test persona.",
+) -> Path:
+    """A bundle whose LoRA A and B are both random (``init_lora_weights=False``), so it changes outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha or 4 * r, target_modules=target_modules, init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    ref = resolve(str(model_dir))
+    manifest = Manifest(
+        name=name,
+        base_model=ref.name,
+        base_model_spec=str(model_dir),
+        base_fingerprint=fingerprint(base.config),
+        chat_template=tokenizer.chat_template,
+        system_prompt=system_prompt,
+        sampling=sampling,
+        lora=LoraInfo(r=r, alpha=alpha or 4 * r, dropout=0.0, target_modules=target_modules),
+        data_hash="0" * 64,
+    )
+    return save_bundle(model, tokenizer, manifest, out)
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run one test coroutine on a fresh event loop (no pytest-asyncio needed)."""
+    return asyncio.run(coro)

@@ -1,0 +1,175 @@
+"""Engine building blocks on their own: streamed text, stop strings, sampling, history trimming, KV batching."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bot.engine import EngineError
+from bot.engine.context import fit_messages, prompt_budget
+from bot.engine.kvbatch import DecodeBatch
+from bot.engine.sampling import next_tokens
+from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
+from finetune.bundle import LoraInfo, Manifest
+from finetune.persona import Sampling
+from finetune.prompt import encode_prompt
+
+MULTIBYTE = "héllo 日本語 🎉 ok"
+
+
+def test_incremental_decoder_never_splits_a_character(tiny_tokenizer):
+    ids = tiny_tokenizer(MULTIBYTE, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(MULTIBYTE.split()) * 2, "the fixture must split characters across tokens"
+    prompt = tiny_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(tiny_tokenizer, prompt)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == MULTIBYTE
+    assert sum(1 for p in pieces if p) > 3, "text streams out as it completes, not all at the end"
+
+
+def test_incremental_decoder_flushes_an_unfinished_character(tiny_tokenizer):
+    ids = tiny_tokenizer("日", add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(tiny_tokenizer, [])
+    assert [decoder.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert decoder.flush() == tiny_tokenizer.decode(ids[:-1])
+
+
+@pytest.mark.parametrize("pieces, stops, sent, stopped", [
+    (["Hello", " wor", "ld"], [], "Hello world", False),
+    (["Hello\nUs", "er: hi"], ["\nUser:"], "Hello", True),
+    (["Hello\nUs", "ual stuff"], ["\nUser:"], "Hello\nUsual stuff", False),
+    (["ab", "c", "d"], ["cd", "bcx"], "ab", True),
+    (["end\n"], ["\nUser:"], "end\n", False),
+])
+def test_stop_filter(pieces, stops, sent, stopped):
+    f = StopFilter(stops)
+    out = [f.push(p) for p in pieces]
+    out.append("" if f.stopped else f.flush())
+    assert "".join(out) == sent and f.stopped is stopped
+
+
+def test_stop_filter_holds_back_only_a_possible_stop():
+    f = StopFilter(["\nUser:"])
+    assert f.push("Hi there\nUs") == "Hi there"
+    assert f.push("e") == ""
+    assert f.push("d to it") == "\nUsed to it"
+
+
+def test_reply_text_cuts_at_a_stop_spanning_tokens(tiny_tokenizer):
+    ids = tiny_tokenizer("the tide be turning, lad", add_special_tokens=False)["input_ids"]
+    text = ReplyText(tiny_tokenizer, [], ["be turn"])
+    out = []
+    for i in ids:
+        out.append(text.push(i))
+        if text.stopped:
+            break
+    assert "".join(out) + text.flush() == "the tide "
+
+
+def _rows(**over) -> dict[str, torch.Tensor]:
+    rows = {"temperature": torch.tensor([0.0, 0.0]), "top_p": torch.tensor([1.0, 1.0]),
+            "top_k": torch.tensor([0, 0]), "penalty": torch.tensor([1.0, 1.0]),
+            "seen": torch.zeros(2, 5, dtype=torch.bool)}
+    return rows | over
+
+
+def test_sampling_greedy_penalty_top_k_and_top_p():
+    logits = torch.tensor([[1.0, 3.0, 2.9, -1.0, 0.0], [5.0, 1.0, 0.0, 0.0, 0.0]])
+    assert next_tokens(logits, _rows()).tolist() == [1, 0]
+    seen = torch.zeros(2, 5, dtype=torch.bool)
+    seen[0, 1] = True
+    assert next_tokens(logits, _rows(seen=seen, penalty=torch.tensor([1.2, 1.0]))).tolist() == [2, 0]
+    hot = torch.tensor([5.0, 5.0])
+    for _ in range(20):  # top_k 1 and a tiny top_p leave only the best token, whatever the temperature
+        assert next_tokens(logits, _rows(temperature=hot, top_k=torch.tensor([1, 1]))).tolist() == [1, 0]
+        assert next_tokens(logits, _rows(temperature=hot, top_p=torch.tensor([0.01, 0.01]))).tolist() == [1, 0]
+
+
+def test_sampling_mixes_greedy_and_sampled_rows():
+    torch.manual_seed(0)
+    logits = torch.zeros(2, 5)
+    logits[:, 3] = 0.5
+    rows = _rows(temperature=torch.tensor([0.0, 1.0]))
+    picks = {tuple(next_tokens(logits, rows).tolist()) for _ in range(50)}
+    assert {p[0] for p in picks} == {3} and len({p[1] for p in picks}) > 2
+
+
+def _manifest(tiny_tokenizer) -> Manifest:
+    return Manifest(
+        name="Brine", base_model="model", base_model_spec="model", base_fingerprint={},
+        chat_template=tiny_tokenizer.chat_template, system_prompt="You are Brine.", sampling=Sampling(),
+        lora=LoraInfo(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), data_hash="0",
+    )
+
+
+def test_history_is_trimmed_oldest_first_keeping_system_and_latest(tiny_tokenizer):
+    manifest = _manifest(tiny_tokenizer)
+    history = []
+    for i in range(30):
+        history += [{"role": "user", "content": f"tell me about the storm number {i}"},
+                    {"role": "assistant", "content": f"Arr, storm {i} be fine, lad."}]
+    history.append({"role": "user", "content": "and the sea?"})
+    full = encode_prompt(tiny_tokenizer, manifest.system_prompt, history, manifest.chat_template)
+    sent, ids = fit_messages(tiny_tokenizer, manifest, history, 200, "brine")
+    assert len(full) > 200 >= len(ids)
+    assert sent[0] == {"role": "system", "content": "You are Brine."}
+    assert sent[1]["role"] == "user" and sent[-1] == history[-1]
+    assert sent[1:] == history[len(history) - len(sent) + 1:], "a contiguous, most recent slice"
+    assert ids == encode_prompt(tiny_tokenizer, manifest.system_prompt, sent[1:], manifest.chat_template)
+    # one more message would not fit: the most history that fits was kept
+    more = history[len(history) - len(sent) - 1:]
+    assert len(encode_prompt(tiny_tokenizer, manifest.system_prompt, more, manifest.chat_template)) > 200
+
+
+def test_history_that_fits_is_untouched_and_a_too_long_message_is_an_error(tiny_tokenizer):
+    manifest = _manifest(tiny_tokenizer)
+    short = [{"role": "user", "content": "hello"}]
+    sent, ids = fit_messages(tiny_tokenizer, manifest, short, 100, "brine")
+    assert sent[1:] == short and ids == encode_prompt(tiny_tokenizer, "You are Brine.", short,
+                                                      manifest.chat_template)
+    with pytest.raises(EngineError, match="adapter 'brine': the latest message needs"):
+        fit_messages(tiny_tokenizer, manifest, [{"role": "user", "content": "storm " * 200}], 100, "brine")
+    with pytest.raises(EngineError, match="max_new_tokens 600 leaves no room"):
+        prompt_budget(512, 600, "brine")
+
+
+def test_decode_batch_rows_joining_and_leaving_match_each_sequence_alone(tiny_model_dir):
+    """Left-padded merges and trims must give every row exactly the logits of its own sequence."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    def forward(ids, mask, positions, cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def alone(seq: list[int]) -> torch.Tensor:
+        return model(input_ids=torch.tensor([seq])).logits[0, -1]
+
+    seqs = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [20, 21], "c": [30, 31, 32, 33]}
+    rows = lambda n: {"row": torch.arange(n)}  # noqa: E731
+    with torch.inference_mode():
+        batch, logits = DecodeBatch.prefill(forward, [seqs["a"]], rows(1), 0, torch.device("cpu"))
+        order = ["a"]
+        for step in range(6):
+            if step == 1:  # b joins a longer running batch
+                other, new = DecodeBatch.prefill(forward, [seqs["b"]], rows(1), 0, torch.device("cpu"))
+                batch.extend(other)
+                order.append("b")
+                logits = torch.cat([logits, new])
+            if step == 3:  # a leaves, c (longer than b) joins
+                batch.keep([1])
+                order = ["b"]
+                logits = logits[1:]
+                other, new = DecodeBatch.prefill(forward, [seqs["c"]], rows(1), 0, torch.device("cpu"))
+                batch.extend(other)
+                order.append("c")
+                logits = torch.cat([logits, new])
+            for name, row in zip(order, logits):
+                torch.testing.assert_close(row, alone(seqs[name]), atol=1e-4, rtol=1e-4)
+            tokens = logits.argmax(-1)
+            for name, token in zip(order, tokens.tolist()):
+                seqs[name].append(token)
+            logits = batch.step(forward, tokens)
+        assert batch.length == max(len(seqs[n]) for n in order), "no padding column outlives its rows"
