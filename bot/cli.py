@@ -32,6 +32,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
         handlers=[RichHandler(console=console, show_path=False)],
     )
     logging.getLogger("discord").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # offline: no hub kernel, fallback is fine
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

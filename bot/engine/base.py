@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from finetune.bundle import Manifest
 from finetune.persona import Sampling
@@ -17,7 +18,21 @@ class EngineError(RuntimeError):
 
 
 class Engine(ABC):
-    """Generation backend: one base model, many named adapters, concurrent streamed requests."""
+    """Generation backend: one base model, many named adapters, concurrent streamed requests.
+
+    Subclasses keep their loaded adapters in ``self._adapters``: name -> an entry with at least
+    ``manifest`` and ``bundle_dir`` attributes (plus whatever the backend needs to serve it).
+    """
+
+    def __init__(self) -> None:
+        self._adapters: dict[str, Any] = {}
+
+    def _entry(self, name: str) -> Any:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            loaded = ", ".join(sorted(self._adapters)) or "none"
+            raise EngineError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
 
     @abstractmethod
     async def load_adapter(self, name: str, bundle_dir: str | Path) -> Manifest:
@@ -31,17 +46,17 @@ class Engine(ABC):
         """Re-read adapter ``name`` from the bundle folder it was loaded from."""
         return await self.load_adapter(name, self.bundle_dir(name))
 
-    @abstractmethod
     def adapters(self) -> list[str]:
         """Names of the loaded adapters."""
+        return sorted(self._adapters)
 
-    @abstractmethod
     def manifest(self, name: str) -> Manifest:
         """The manifest of loaded adapter ``name`` (system prompt, sampling defaults, chat template)."""
+        return self._entry(name).manifest
 
-    @abstractmethod
     def bundle_dir(self, name: str) -> Path:
         """Where adapter ``name`` was loaded from."""
+        return self._entry(name).bundle_dir
 
     @abstractmethod
     def stream(

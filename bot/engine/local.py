@@ -49,6 +49,7 @@ class LocalEngine(Engine):
         tokens per request; default and upper bound: the model's ``max_position_embeddings``."""
         self._base_model = base_model
         self._max_context = max_context
+        super().__init__()
         self._adapters: dict[str, _Loaded] = {}
         self._scheduler = Scheduler(lambda: Runtime.load(base_model, quantization, dtype), max_batch)
 
@@ -62,13 +63,6 @@ class LocalEngine(Engine):
             return await asyncio.wrap_future(self._scheduler.ready)
         except Exception as exc:
             raise EngineError(f"base model '{self._base_model}' failed to load: {exc}") from exc
-
-    def _entry(self, name: str) -> _Loaded:
-        try:
-            return self._adapters[name]
-        except KeyError:
-            loaded = ", ".join(sorted(self._adapters)) or "none"
-            raise EngineError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
 
     async def load_adapter(self, name: str, bundle_dir: str | Path) -> Manifest:
         rt = await self._runtime()
@@ -91,15 +85,6 @@ class LocalEngine(Engine):
         entry = self._entry(name)
         del self._adapters[name]
         self._scheduler.retire(entry.slot)
-
-    def adapters(self) -> list[str]:
-        return sorted(self._adapters)
-
-    def manifest(self, name: str) -> Manifest:
-        return self._entry(name).manifest
-
-    def bundle_dir(self, name: str) -> Path:
-        return self._entry(name).bundle_dir
 
     async def stream(
         self, adapter: str, messages: list[dict[str, str]], sampling: Sampling | None = None

@@ -71,16 +71,10 @@ class OpenAIEngine(Engine):
         self._backoff_s = backoff_s
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._read_timeout_s = read_timeout_s
+        super().__init__()
         self._adapters: dict[str, _Loaded] = {}
         self._session: aiohttp.ClientSession | None = None
         self.active_requests = 0
-
-    def _entry(self, name: str) -> _Loaded:
-        try:
-            return self._adapters[name]
-        except KeyError:
-            loaded = ", ".join(sorted(self._adapters)) or "none"
-            raise EngineError(f"adapter '{name}' is not loaded (loaded: {loaded})") from None
 
     def _read_bundle(self, name: str, bundle_dir: Path) -> _Loaded:
         try:
@@ -112,15 +106,6 @@ class OpenAIEngine(Engine):
     async def unload_adapter(self, name: str) -> None:
         self._entry(name)
         del self._adapters[name]
-
-    def adapters(self) -> list[str]:
-        return sorted(self._adapters)
-
-    def manifest(self, name: str) -> Manifest:
-        return self._entry(name).manifest
-
-    def bundle_dir(self, name: str) -> Path:
-        return self._entry(name).bundle_dir
 
     async def _messages(self, adapter: str, entry: _Loaded, messages: list[dict[str, str]],
                         sampling: Sampling) -> list[dict[str, str]]:
