@@ -11,7 +11,7 @@ import torch
 
 from .bundle import Manifest
 from .conversation import Conversation, DataError
-from .dataset import IGNORE, make_collator, split_conversations, tokenize, DataStats
+from .dataset import IGNORE, DataStats, make_collator, split_conversations, tokenize
 from .inference import reply
 from .persona import load_persona
 
@@ -85,9 +85,13 @@ def style_score(replies: list[str], checks: list[str]) -> float:
 
 
 def evaluate_bundle(model: Any, tokenizer: Any, manifest: Manifest, data: str | Path | None = None,
-                    samples: int = 3, max_seq_len: int = 1024) -> EvalReport:
-    """Compare the adapter with the same base (adapter disabled, same system prompt) on held-out dialogue."""
+                    samples: int = 3, max_seq_len: int | None = None) -> EvalReport:
+    """Compare the adapter with the same base (adapter disabled, same system prompt) on held-out dialogue.
+
+    ``max_seq_len`` defaults to the one the bundle was trained with.
+    """
     conversations, checks = heldout(manifest, data)
+    max_seq_len = max_seq_len or manifest.training.get("max_seq_len", 1024)
     stats = DataStats()
     ds = tokenize(conversations, tokenizer, manifest.system_prompt, manifest.chat_template, max_seq_len, stats,
                   desc="Tokenizing held-out")

@@ -134,6 +134,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
 
     ``callbacks`` are extra ``TrainerCallback`` objects (logging, custom stopping rules, tests).
     """
+    checkpoint = _resume_point(cfg, resume)  # before any loading: a wrong --resume fails at once
     persona = load_persona(cfg.persona)
     for problem in persona.problems:
         log.warning("skipped: %s", problem)
@@ -163,7 +164,6 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ThroughputProgress())
 
-    checkpoint = _resume_point(cfg, resume)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     summary: dict[str, Any] = {
         "steps": trainer.state.global_step,
