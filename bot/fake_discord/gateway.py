@@ -12,6 +12,9 @@ from aiohttp import WSMsgType, web
 
 from .model import MESSAGE_CONTENT_INTENT, User
 
+ACK_DELAY = 0.05
+"""Seconds before a heartbeat ACK, like a real network round trip."""
+
 if TYPE_CHECKING:
     from .server import FakeDiscord
 
@@ -100,7 +103,9 @@ class Gateway:
                 if op == 1:
                     if session is not None:
                         session.heartbeats.append(time.monotonic())
-                    pipe.put({"op": 11})
+                    # ACK after a network-like delay: discord.py records the send time only after the send
+                    # returns, so an instant local ACK reads as "websocket is 41s behind"
+                    asyncio.get_running_loop().call_later(ACK_DELAY, pipe.put, {"op": 11})
                 elif op == 2:
                     session = await self._identify(ws, pipe, data)
                 elif op == 6:
