@@ -56,10 +56,15 @@ class World:
         return by_name.get((name or "").lower()) or next(iter(self.bots.values()))
 
     def persona_first(self, text: str) -> tuple[str | None, str]:
-        """Split a leading persona name (which may contain spaces) off ``text``."""
+        """Split a leading persona name (which may contain spaces, or be quoted) off ``text``."""
+        text = text.lstrip(" ,")
+        if text[:1] in ('"', "'") and (end := text.find(text[0], 1)) > 0:
+            quoted = text[1:end].strip().lower()
+            name = next((n for n in self.bots if n.lower() == quoted), None)
+            return (name, text[end + 1 :].strip(" ,")) if name else (None, text)
         for name in sorted(self.bots, key=len, reverse=True):
             if text.lower().startswith(name.lower()) and text[len(name):len(name) + 1] in ("", " "):
-                return name, text[len(name):].strip()
+                return name, text[len(name):].strip(" ,")
         return None, text
 
     def mentions(self, text: str) -> str:

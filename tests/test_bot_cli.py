@@ -42,6 +42,7 @@ async def test_simulate_chats_streams_and_runs_commands(tmp_path):
         ("#deep", "#deep"),
         ("@Old Coral down here?", "Old Coral: [coral-v1] you: @Old Coral down here?"),
         ("/reply and?", "Old Coral: [coral-v1] you: and?"),
+        ('/converse "Old Coral", brine 1 shells', "**Old Coral** and **Brine** talk about *shells*"),
     ]:
         await lines.put(line)
         await asyncio.wait_for(shows(expected), 10)
