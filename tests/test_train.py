@@ -120,3 +120,24 @@ def test_bundle_for_another_base_is_refused(tiny_persona, tiny_model_dir, tmp_pa
     (out / MANIFEST).write_text(json.dumps({"name": "x"}))
     with pytest.raises(BundleError, match="persona.json: field 'base_model'"):
         load_manifest(out)
+
+
+def test_train_from_a_png_character_card(tiny_model_dir, tmp_path):
+    from finetune.readers.card import write_card_png
+
+    examples = "\n".join(
+        f"<START>\n{{{{user}}}}: what about the {w}?\n{{{{char}}}}: Arr, the {w} be fine, lad." for w in
+        ["tide", "storm", "fish", "boat", "sea", "salt", "wave", "gull", "deck", "mast", "sail"]
+    )
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "Brine", "description": "{{char}} keeps a lighthouse.", "personality": "gruff",
+        "scenario": "", "first_mes": "Arr, who goes there?", "mes_example": examples,
+        "alternate_greetings": ["Harrumph. Visitors."],
+    }}
+    write_card_png(card, tmp_path / "brine.png")
+    out = tmp_path / "bundle"
+    train(_config(tmp_path / "brine.png", tiny_model_dir, out, "train.max_steps=2", "data.max_seq_len=256"))
+    manifest = load_manifest(out)
+    assert manifest.name == "Brine"
+    assert "Brine keeps a lighthouse." in manifest.system_prompt and "gruff" in manifest.system_prompt
+    assert manifest.training["data"]["conversations"] == 13  # 11 examples + 2 greetings
