@@ -126,6 +126,7 @@ def training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         remove_unused_columns=False,
         optim="adamw_torch",
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; scanning for unused ones is waste
     )
 
 
