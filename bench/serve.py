@@ -1,0 +1,256 @@
+"""Serving: the local engine vs plain transformers+peft ``generate``, side by side in one run.
+
+Both load the same base (same dtype and quantization, through ``finetune.model.load_model``) and the same
+random LoRA adapter bundles (r=16 by default, on every attention and MLP projection, written by ``bench/engine.py``'s
+helper), and answer the same prompts, rendered with the bundle's system prompt and chat template. Decoding
+is greedy and end-of-sequence is ignored by both (the engine's stop ids are cleared, ``generate`` gets
+``eos_token_id=None``), so every reply is exactly --new-tokens long and both should write the same text.
+peft keeps the LoRA weights in the base's dtype (``autocast_adapter_dtype=False``) like the engine does;
+its default upcasts them to fp32, which costs casts and makes bf16 replies drift apart after a few tokens.
+(Replies decoded in a batch may differ from those decoded alone: batched kernels round differently.)
+
+Measured:
+1. batch 1 with an adapter active: decode tokens/s (tokens after the first / time after the first) and
+   time to the first token: one ``engine.stream`` request vs ``PeftModel.generate`` with a streamer that
+   notes when the first new token arrives; median of a few alternating rounds;
+2. 8 conversations on 8 different adapters, aggregate tokens/s: concurrently through the engine, vs the
+   same 8 through the engine one at a time, vs plain ``generate`` one at a time with ``set_adapter``
+   switching between them;
+3. adapter switch time (peft ``set_adapter``; the engine has nothing to switch) and adapter load time from
+   the bundle on disk (``engine.load_adapter`` vs peft ``load_adapter``), mean over several loads.
+
+CPU (SmolLM2-135M, 64 new tokens per reply, about 3 minutes):  python bench/serve.py --dtype bf16
+GPU, 8B-shaped random model (tokenizer and chat template from SmolLM2):
+    python bench/serve.py --random-shape llama-8b --dtype bf16 --quantization none
+    python bench/serve.py --random-shape llama-8b --dtype bf16 --quantization nf4
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import DTYPES, PROMPTS, SHAPES, random_base, random_bundle  # noqa: E402
+from bot.engine.local import LocalEngine  # noqa: E402
+from finetune.bundle import Manifest  # noqa: E402
+from finetune.model import Quantization, load_model, load_tokenizer, resolve  # noqa: E402
+from finetune.persona import Sampling  # noqa: E402
+from finetune.prompt import encode_prompt  # noqa: E402
+
+CONVERSATIONS = 8
+SWITCHES = 100
+
+
+@dataclass(frozen=True)
+class Reply:
+    first_s: float
+    """seconds from the request to its first new token"""
+    total_s: float
+    """seconds from the request to its last token"""
+    text: str
+
+    def decode_tok_s(self, tokens: int) -> float:
+        return (tokens - 1) / (self.total_s - self.first_s)
+
+
+def greedy(tokens: int) -> Sampling:
+    return Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=tokens)
+
+
+async def engine_reply(engine: LocalEngine, adapter: str, prompt: str, tokens: int) -> Reply:
+    start = time.perf_counter()
+    first, pieces = None, []
+    async for piece in engine.stream(adapter, [{"role": "user", "content": prompt}], greedy(tokens)):
+        first = first or time.perf_counter() - start
+        pieces.append(piece)
+    return Reply(first or 0.0, time.perf_counter() - start, "".join(pieces))
+
+
+class FirstToken:
+    """A ``generate`` streamer that notes when the first new token arrives (its first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.at = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class Plain:
+    """The plain recipe: a peft ``PeftModel`` over the base, one adapter active at a time, ``generate``."""
+
+    def __init__(self, base: str, quantization: Quantization, dtype: torch.dtype) -> None:
+        ref = resolve(base)
+        self.tokenizer = load_tokenizer(ref)
+        self.base = load_model(ref, quantization, dtype).eval()
+        self.model: Any = None
+
+    def load_adapter(self, name: str, bundle: Path) -> None:
+        from peft import PeftModel
+
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self.base, str(bundle), adapter_name=name,
+                                                   autocast_adapter_dtype=False)
+        else:
+            self.model.load_adapter(str(bundle), adapter_name=name, autocast_adapter_dtype=False)
+
+    def set_adapter(self, name: str) -> None:
+        self.model.set_adapter(name, inference_mode=True)
+
+    def reply(self, manifest: Manifest, prompt: str, tokens: int) -> Reply:
+        messages = [{"role": "user", "content": prompt}]
+        ids = encode_prompt(self.tokenizer, manifest.system_prompt, messages, manifest.chat_template)
+        input_ids = torch.tensor([ids], device=self.base.device)
+        streamer = FirstToken()
+        start = time.perf_counter()
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
+            do_sample=False, eos_token_id=None, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
+        )
+        total = time.perf_counter() - start
+        new = out[0, len(ids):]
+        assert len(new) == tokens, f"plain generate made {len(new)} tokens, not {tokens}"
+        return Reply(streamer.at - start, total, self.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def agreement(texts: list[str]) -> str:
+    if all(t == texts[0] for t in texts):
+        return "yes"
+    return f"no, they agree on the first {len(os.path.commonprefix(texts))} of {len(texts[0])} characters"
+
+
+def timed(fn: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+async def bench(args: argparse.Namespace) -> None:
+    work, dtype = Path(args.work_dir), DTYPES[args.dtype]
+    base = args.base_model
+    if args.random_shape:
+        base = random_base(args.random_shape, args.base_model, dtype, work)
+    names = [f"a{i}" for i in range(CONVERSATIONS)]
+    bundles = [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank) for i in range(CONVERSATIONS)]
+    n = args.new_tokens
+
+    engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS)
+    rt = await engine._runtime()
+    rt.stop_ids = frozenset()  # end-of-sequence ignored: every reply is exactly n tokens
+    plain = Plain(base, args.quantization, dtype)
+
+    # Adapter loads, disk -> serving. The first is left out of the mean: peft's first wraps the base model.
+    engine_load, plain_load, manifests = [], [], {}
+    for name, bundle in zip(names, bundles):
+        start = time.perf_counter()
+        manifests[name] = await engine.load_adapter(name, bundle)
+        engine_load.append(time.perf_counter() - start)
+        plain_load.append(timed(plain.load_adapter, name, bundle))
+    engine_load, plain_load = engine_load[1:], plain_load[1:]
+    switch_s = [timed(plain.set_adapter, names[i % CONVERSATIONS]) for i in range(SWITCHES)]
+
+    await engine_reply(engine, "a0", PROMPTS[0], 4)  # warm-up
+    plain.set_adapter("a0")
+    plain.reply(manifests["a0"], PROMPTS[0], 4)
+
+    engine_1, plain_1 = [], []
+    for _ in range(args.rounds):
+        engine_1.append(await engine_reply(engine, "a0", PROMPTS[0], n))
+        plain_1.append(plain.reply(manifests["a0"], PROMPTS[0], n))
+    same_text = agreement([r.text for r in engine_1 + plain_1])
+
+    jobs = [(name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(names)]
+    start = time.perf_counter()
+    await asyncio.gather(*[engine_reply(engine, a, p, n) for a, p in jobs])
+    concurrent_s = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = [await engine_reply(engine, a, p, n) for a, p in jobs]
+    engine_serial_s = time.perf_counter() - start
+    start = time.perf_counter()
+    plain_serial = []
+    for a, p in jobs:
+        plain.set_adapter(a)
+        plain_serial.append(plain.reply(manifests[a], p, n))
+    plain_serial_s = time.perf_counter() - start
+    same_text_8 = sum(e.text == p.text for e, p in zip(alone, plain_serial))
+    await engine.close()
+
+    quantization = getattr(rt.model, "personabot_quantization", args.quantization)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft"))
+    print(f"{date.today().isoformat()}; {args.random_shape or args.base_model} {args.dtype} "
+          f"quantization={quantization} LoRA r={args.rank}; {n} new tokens per reply, greedy, EOS ignored; "
+          f"{machine}; {versions}")
+
+    e_tps = statistics.median(r.decode_tok_s(n) for r in engine_1)
+    p_tps = statistics.median(r.decode_tok_s(n) for r in plain_1)
+    e_ttft = 1000 * statistics.median(r.first_s for r in engine_1)
+    p_ttft = 1000 * statistics.median(r.first_s for r in plain_1)
+    print(f"\nBatch 1, adapter active (median of {args.rounds} alternating rounds; "
+          f"same greedy reply from both: {same_text}):")
+    print("| | engine | plain generate | engine vs plain (> 1: engine better) |")
+    print("|---|---|---|---|")
+    print(f"| decode tok/s | {e_tps:.1f} | {p_tps:.1f} | {e_tps / p_tps:.2f}x |")
+    print(f"| time to first token ms | {e_ttft:.0f} | {p_ttft:.0f} | {p_ttft / e_ttft:.2f}x |")
+
+    tokens = CONVERSATIONS * n
+    conc, serial, plain_tps = tokens / concurrent_s, tokens / engine_serial_s, tokens / plain_serial_s
+    print(f"\n{CONVERSATIONS} conversations on {CONVERSATIONS} different adapters, aggregate tok/s "
+          f"(same greedy reply from the engine one at a time and plain: {same_text_8} of {CONVERSATIONS}):")
+    print("| engine, concurrent | engine, one at a time | plain generate, one at a time (set_adapter) "
+          "| concurrent vs engine one at a time | concurrent vs plain one at a time "
+          "| engine vs plain, one at a time |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {conc:.1f} | {serial:.1f} | {plain_tps:.1f} | {conc / serial:.2f}x | {conc / plain_tps:.2f}x "
+          f"| {serial / plain_tps:.2f}x |")
+
+    e_load, p_load = 1000 * statistics.mean(engine_load), 1000 * statistics.mean(plain_load)
+    print(f"\nAdapters (load: bundle on disk -> serving, mean of {len(engine_load)} loads, max in brackets):")
+    print("| | engine | peft | engine vs peft (> 1: engine better) |")
+    print("|---|---|---|---|")
+    print(f"| switch | nothing to switch: each batch row names its LoRA slot in every forward "
+          f"| set_adapter {1000 * statistics.mean(switch_s):.3f} ms (mean of {SWITCHES}) | - |")
+    print(f"| load from disk | {e_load:.1f} ms ({1000 * max(engine_load):.1f}) "
+          f"| {p_load:.1f} ms ({1000 * max(plain_load):.1f}) | {p_load / e_load:.1f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", default="smollm2", help="hub id, folder, .gguf or 'smollm2'")
+    parser.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape instead")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--quantization", choices=["auto", "nf4", "none"], default="none")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128 if torch.cuda.is_available() else 64,
+                        help="new tokens per reply")
+    parser.add_argument("--rounds", type=int, default=3, help="batch-1 rounds per side")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens per reply, 2 rounds (CPU)")
+    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "personabot" / "bench"))
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.rounds = 32, 2
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
