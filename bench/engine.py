@@ -169,17 +169,22 @@ async def bench(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_base_args(parser: argparse.ArgumentParser) -> None:
+    """Options the serving benchmarks share: which base, its dtype and quantization, adapter rank, work dir."""
     parser.add_argument("--base-model", default="smollm2", help="hub id, folder, .gguf or 'smollm2'")
     parser.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape instead")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--quantization", choices=["auto", "nf4", "none"], default="none")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "personabot" / "bench"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_args(parser)
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--quick", action="store_true", help="32 tokens per request (CPU)")
-    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "personabot" / "bench"))
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
     args = parser.parse_args()

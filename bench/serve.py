@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import DTYPES, PROMPTS, SHAPES, random_base, random_bundle  # noqa: E402
+from bench.engine import DTYPES, PROMPTS, add_base_args, random_base, random_bundle  # noqa: E402
 from bot.engine.local import LocalEngine  # noqa: E402
 from finetune.bundle import Manifest  # noqa: E402
 from finetune.model import Quantization, load_model, load_tokenizer, resolve  # noqa: E402
@@ -236,16 +236,11 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-model", default="smollm2", help="hub id, folder, .gguf or 'smollm2'")
-    parser.add_argument("--random-shape", choices=sorted(SHAPES), help="random weights of this shape instead")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    parser.add_argument("--quantization", choices=["auto", "nf4", "none"], default="none")
-    parser.add_argument("--rank", type=int, default=16)
+    add_base_args(parser)
     parser.add_argument("--new-tokens", type=int, default=128 if torch.cuda.is_available() else 64,
                         help="new tokens per reply")
     parser.add_argument("--rounds", type=int, default=3, help="batch-1 rounds per side")
     parser.add_argument("--quick", action="store_true", help="32 new tokens per reply, 2 rounds (CPU)")
-    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "personabot" / "bench"))
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.rounds = 32, 2
