@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from finetune.bundle import ADAPTER_FILES, MANIFEST, BundleError, check_compatible, load_manifest, write_atomically
@@ -141,3 +142,15 @@ def test_train_from_a_png_character_card(tiny_model_dir, tmp_path):
     assert manifest.name == "Brine"
     assert "Brine keeps a lighthouse." in manifest.system_prompt and "gruff" in manifest.system_prompt
     assert manifest.training["data"]["conversations"] == 13  # 11 examples + 2 greetings
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_on_cuda(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    train(_config(tiny_persona, tiny_model_dir, out, "quantization=nf4", "train.max_steps=3",
+                  "train.gradient_checkpointing=true"))
+    assert load_manifest(out).training["quantization"] == "nf4"
+    model, tok, manifest = load_bundle_model(out, "nf4")
+    assert model.device.type == "cuda"
+    assert isinstance(reply(model, tok, manifest, [{"role": "user", "content": "hi"}]), str)
