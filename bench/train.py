@@ -49,7 +49,7 @@ def examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
 
 
 def load_base(args: argparse.Namespace):
-    from finetune.model import _nf4, compute_dtype, load_model, resolve
+    from finetune.model import compute_dtype, load_model, nf4_config, resolve
 
     if args.shape == "smollm2":
         return load_model(resolve("smollm2"), args.quantization)
@@ -63,7 +63,7 @@ def load_base(args: argparse.Namespace):
             AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
     if args.quantization != "none":
-        kwargs["quantization_config"] = _nf4(dtype)
+        kwargs["quantization_config"] = nf4_config(dtype)
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)

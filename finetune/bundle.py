@@ -92,7 +92,7 @@ def write_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path
 
 
 def save_bundle(model: Any, tokenizer: Any, manifest: Manifest, out_dir: str | Path) -> Path:
-    """Write PEFT files, the tokenizer and the manifest to ``out_dir`` atomically."""
+    """Write the model's files (PEFT adapter, or full weights once merged), tokenizer and manifest atomically."""
     manifest = manifest.model_copy(
         update={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
     )

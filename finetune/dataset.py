@@ -90,8 +90,7 @@ def split_conversations(
     """Deterministic held-out split by conversation; no eval set for tiny data (< 10 conversations)."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
-    n_eval = round(len(order) * eval_fraction) if len(order) >= 10 else 0
-    n_eval = max(n_eval, 1) if eval_fraction > 0 and len(order) >= 10 else n_eval
+    n_eval = max(1, round(len(order) * eval_fraction)) if eval_fraction > 0 and len(order) >= 10 else 0
     held = set(order[:n_eval])
     train = [c for i, c in enumerate(conversations) if i not in held]
     return train, [c for i, c in enumerate(conversations) if i in held]

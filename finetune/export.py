@@ -5,12 +5,15 @@ from pathlib import Path
 
 import torch
 
-from .bundle import check_compatible, load_manifest, write_atomically
+from .bundle import check_compatible, load_manifest, save_bundle
 from .model import fingerprint, load_model, load_tokenizer, resolve
 
 
 def export_merged(bundle_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Load the base unquantized (merging into 4-bit weights would lose precision), merge, save atomically."""
+    """Load the base unquantized (merging into 4-bit weights would lose precision), merge, save atomically.
+
+    The output keeps ``persona.json`` so the merged model still carries its system prompt and sampling.
+    """
     from peft import PeftModel
 
     manifest = load_manifest(bundle_dir)
@@ -20,10 +23,4 @@ def export_merged(bundle_dir: str | Path, out_dir: str | Path, dtype: torch.dtyp
     merged = PeftModel.from_pretrained(base, str(bundle_dir)).merge_and_unload()
     tokenizer = load_tokenizer(ref)
     tokenizer.chat_template = manifest.chat_template
-
-    def write(tmp: Path) -> None:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "persona.json").write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-
-    return write_atomically(out_dir, write)
+    return save_bundle(merged, tokenizer, manifest, out_dir)  # full weights instead of adapter files

@@ -144,7 +144,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or compute_dtype()
-    if quantization == "nf4" and not bnb_available():
+    use_4bit = quantization != "none" and bnb_available()
+    if quantization == "nf4" and not use_4bit:
         raise ModelError("quantization 'nf4' needs a working bitsandbytes; set quantization: none to load in 16-bit")
     kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
     if device_map is None and torch.cuda.is_available():
@@ -152,11 +153,10 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     path = materialize(ref)
-    use_4bit = quantization == "nf4" or (quantization == "auto" and bnb_available())
     try:
         if use_4bit:
             try:
-                model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_nf4(dtype), **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(dtype), **kwargs)
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 if quantization == "nf4":
                     raise ModelError(f"base model '{ref.spec}': 4-bit NF4 load failed: {exc}") from exc
@@ -172,7 +172,8 @@ def load_model(
     return model
 
 
-def _nf4(dtype: torch.dtype):
+def nf4_config(dtype: torch.dtype):
+    """QLoRA's quantization: 4-bit NF4 weights, double-quantized scales, ``dtype`` compute."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

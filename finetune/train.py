@@ -28,16 +28,16 @@ class ThroughputProgress(ProgressCallback):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last: tuple[float, int] | None = None
+        self._last = (time.perf_counter(), 0)  # (time, tokens seen) at the previous training log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
-        if logs is not None and "loss" in logs and self._last is not None and now > self._last[0]:
-            logs["tokens_per_s"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
-        if logs is not None and "loss" in logs:
+        if logs and "loss" in logs:
+            now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+            if now > self._last[0]:
+                logs["tokens_per_s"] = round((seen - self._last[1]) / (now - self._last[0]), 1)
             self._last = (now, seen)
-        if self.training_bar is not None and logs and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=logs.get("tokens_per_s", "-"))
+            if self.training_bar is not None:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=logs.get("tokens_per_s", "-"))
         return super().on_log(args, state, control, logs=logs, **kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
