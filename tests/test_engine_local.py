@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bot.engine import EngineError, create_engine
+from bot.engine import EngineError, create_engine, runtime
 from bot.engine.local import LocalEngine
 from engine_fixtures import make_bundle, run
 from finetune.bundle import load_manifest
@@ -442,6 +442,22 @@ def test_nf4_base_serves_a_mixed_batch(tiny_model_dir, bundles):
     quantization, alone, together = run(main())
     assert quantization == "nf4"
     assert all(alone) and alone[0] != alone[1] and together == alone
+
+
+def test_parameter_count_matches_the_loaded_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert runtime.parameter_count(str(tiny_model_dir)) == sum(p.numel() for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("free_gib, expected", [(1024, "none"), (1e-4, "nf4")])
+def test_auto_serves_the_16_bit_base_when_it_fits(tiny_model_dir, monkeypatch, free_gib, expected):
+    """'auto' for serving: bf16 weights while they leave room for the KV cache, NF4 only when they would not."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(runtime, "free_memory", lambda: int(free_gib * 2**30))
+    rt = runtime.Runtime.load(str(tiny_model_dir), "auto", torch.bfloat16)
+    assert rt.model.personabot_quantization == expected
 
 
 @pytest.mark.gpu

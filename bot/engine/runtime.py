@@ -5,15 +5,24 @@ attributes are fixed after loading and safe to read from any thread.
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+import os
+from typing import Any, Literal
 
 import torch
 
 from finetune.dataset import stop_token_ids
-from finetune.model import Quantization, fingerprint, load_model, load_tokenizer, resolve
+from finetune.model import (
+    BaseModelRef, Quantization, compute_dtype, fingerprint, load_model, load_tokenizer, materialize, resolve,
+)
 
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
 from .lora import LoraSlots
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SHARE = 0.6
+"""Serve the 16-bit base when its weights take at most this share of free memory; the rest is for the KV cache."""
 
 
 class Runtime:
@@ -31,6 +40,8 @@ class Runtime:
     def load(cls, base_model: str, quantization: Quantization, dtype: torch.dtype | None) -> Runtime:
         ref = resolve(base_model)
         tokenizer = load_tokenizer(ref)
+        if quantization == "auto":
+            quantization = serving_quantization(ref, dtype or compute_dtype())
         model = load_model(ref, quantization, dtype)
         model.eval()
         compute_dtype = model.get_input_embeddings().weight.dtype  # NF4 keeps embeddings in compute dtype
@@ -54,3 +65,41 @@ class Runtime:
                 logits_to_keep=1,
             )
         return out.logits[:, -1, :].float()
+
+
+def serving_quantization(ref: BaseModelRef, dtype: torch.dtype) -> Literal["none", "auto"]:
+    """What 'auto' means for serving: the 16-bit base whenever it fits, else 4-bit where bitsandbytes works.
+
+    Training wants NF4 (QLoRA) for memory, but serving decode reads every weight per token and bitsandbytes
+    dequantizes them on the fly: an 8B base decodes ~2.7x faster in bf16 than in NF4 on an H100 (35 vs 13
+    tokens/s, plain generate). So 4-bit is only worth it when the 16-bit weights would crowd out the KV cache.
+    """
+    need = parameter_count(materialize(ref)) * torch.finfo(dtype).bits // 8
+    free = free_memory()
+    choice = "none" if need <= WEIGHT_SHARE * free else "auto"
+    log.info("serving '%s': 16-bit weights %.1f GiB, free memory %.1f GiB -> %s", ref.spec, need / 2**30,
+             free / 2**30, "16-bit base" if choice == "none" else "4-bit NF4 base where possible")
+    return choice
+
+
+def parameter_count(path: str) -> int:
+    """Parameters of the model at ``path``, counted on the meta device (nothing is allocated or read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model.tie_weights()  # tied input/output embeddings are one tensor once loaded
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_memory() -> int:
+    """Bytes free where the model will live: the current CUDA device, else the machine's available RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
