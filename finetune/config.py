@@ -39,6 +39,9 @@ class TrainSettings(_Strict):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
+    fused_kernels: bool | Literal["auto"] = Field(
+        "auto", description="Liger kernels; auto = on with CUDA and liger-kernel (pip install 'personabot[gpu]')"
+    )
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)

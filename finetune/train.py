@@ -1,12 +1,13 @@
 """The training recipe: persona data -> tokenized splits -> (Q)LoRA on the base -> Trainer -> adapter bundle."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
@@ -46,12 +47,13 @@ class ThroughputProgress(ProgressCallback):
 
 
 class PersonaTrainer(Trainer):
-    """Trainer whose training loss computes logits only where a trained token follows.
+    """Trainer whose training loss looks only at the positions where a trained token follows.
 
     On persona data only the character's turns are trained (about a quarter of all tokens), so asking the
     model for those positions alone (``logits_to_keep``) cuts the vocabulary projection and the logits'
-    memory by ~4x: most of the cost of the loss on a large-vocabulary model. Packed rows only (batch of 1);
-    padded batches and evaluation take the stock path.
+    memory by ~4x: most of the cost of the loss on a large-vocabulary model. With Liger kernels on, their
+    fused linear cross-entropy takes those positions' hidden states and never materializes logits at all.
+    Packed rows only (batch of 1); padded batches and evaluation take the stock path.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -61,9 +63,34 @@ class PersonaTrainer(Trainer):
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         targets = labels[0, 1:]
         keep = (targets != IGNORE).nonzero().squeeze(-1)
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss / (num_items_in_batch if num_items_in_batch is not None else max(keep.numel(), 1))
+        count = num_items_in_batch if num_items_in_batch is not None else max(keep.numel(), 1)
+        fused = {"shift_labels": targets[keep][None], "num_items_in_batch": count}
+        out = model(**inputs, logits_to_keep=keep, use_cache=False, **(fused if self.args.use_liger_kernel else {}))
+        if out.loss is not None:  # Liger's fused linear cross-entropy
+            loss = out.loss
+        else:
+            loss = torch.nn.functional.cross_entropy(out.logits[0].float(), targets[keep], reduction="sum") / count
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as the stock loss does: the count is summed over processes, and DDP averages their gradients
+            scale = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            loss = loss * scale
+        return loss
+
+
+def use_fused_kernels(setting: bool | Literal["auto"]) -> bool:
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) for ``train.fused_kernels``.
+
+    They save activation and logits memory and kernel launches on a GPU; 'auto' turns them on where they
+    run: CUDA with liger-kernel installed.
+    """
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return installed and torch.cuda.is_available()
+    if setting and not installed:
+        raise DataError("train.fused_kernels: true needs liger-kernel: pip install 'personabot[gpu]'")
+    if setting and not torch.cuda.is_available():
+        raise DataError("train.fused_kernels: true needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
+    return bool(setting)
 
 
 def add_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -127,6 +154,7 @@ def training_args(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         optim="adamw_torch",
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; scanning for unused ones is waste
+        use_liger_kernel=use_fused_kernels(t.fused_kernels),
     )
 
 
@@ -171,6 +199,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
         "epochs": round(trainer.state.epoch or 0, 3),
         "train_loss": round(result.training_loss, 4),
         "quantization": getattr(model.base_model.model, "personabot_quantization", "none"),
+        "fused_kernels": args.use_liger_kernel,
         "data": {k: v for k, v in asdict(stats).items() if k != "problems"},
         # enough to rebuild the same held-out split for `finetune eval`
         "persona": str(Path(cfg.persona).resolve()),

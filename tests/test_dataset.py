@@ -1,6 +1,7 @@
 """Assistant-only labels, EOS trained, truncation, deterministic split and padding-free packing."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finetune.conversation import Conversation
@@ -110,8 +111,8 @@ def test_packing_keeps_conversations_independent(tiny_model_dir, tiny_tokenizer)
     torch.testing.assert_close(joint[0, n_a:], alone_b[0], atol=1e-4, rtol=1e-4)
 
 
-def test_trainer_loss_on_kept_positions_equals_full_loss(tiny_model_dir, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM, TrainingArguments
+def test_trainer_loss_on_kept_positions_equals_full_loss(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from finetune.train import PersonaTrainer
 
@@ -125,4 +126,59 @@ def test_trainer_loss_on_kept_positions_equals_full_loss(tiny_model_dir, tiny_to
     with torch.no_grad():
         fast = trainer.compute_loss(model, dict(batch))
         full = model(**batch, use_cache=False).loss
-    torch.testing.assert_close(fast, full)
+        torch.testing.assert_close(fast, full)
+        # as in a 2-process run with the token count summed over both: scaled exactly as the stock loss
+        monkeypatch.setattr(trainer.accelerator.state, "num_processes", 2)  # a process-wide singleton
+        count = torch.tensor(3 * int((batch["labels"][0, 1:] != IGNORE).sum()))
+        stock = Trainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=count)
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch), num_items_in_batch=count), stock)
+        assert stock.item() == pytest.approx(full.item() * 2 / 3, rel=1e-4)
+
+
+_FUSED_CHECK = """
+import sys, torch
+import liger_kernel.transformers.model.llama as liger_llama
+from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers.integrations.liger import apply_liger_kernel
+from finetune.dataset import make_collator
+from finetune.train import PersonaTrainer
+
+torch.manual_seed(0)
+rows = []
+for n in (40, 25, 60):
+    ids = torch.randint(5, 200, (n,)).tolist()
+    rows.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+batch = make_collator(None, packing=True)(rows)
+fused_calls = []
+loss_fn = liger_llama.lce_maybe_trainable_lm_head
+liger_llama.lce_maybe_trainable_lm_head = lambda *a, **k: fused_calls.append(k) or loss_fn(*a, **k)
+for fused in (False, True):
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    args = TrainingArguments(output_dir=sys.argv[2], report_to="none", use_liger_kernel=fused)
+    trainer = PersonaTrainer(model=model, args=args)
+    if fused:  # the loss kernel only: the Triton interpreter cannot run Liger's RMSNorm
+        apply_liger_kernel(model, {"rope": False, "rms_norm": False, "swiglu": False})
+        assert model.forward.__func__.__module__.startswith("liger_kernel"), model.forward
+    loss = trainer.compute_loss(model.train(), dict(batch))
+    loss.backward()
+    print(fused, loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.norm().item(), len(fused_calls),
+          flush=True)
+"""
+
+
+def test_fused_linear_cross_entropy_gives_the_same_loss_and_gradients(tiny_model_dir, tmp_path):
+    """With Liger on, the loss on kept positions runs through its fused kernel (here under Triton's CPU
+    interpreter) and must match the plain cross-entropy exactly enough to train the same."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("liger_kernel")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", _FUSED_CHECK, str(tiny_model_dir), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plain, fused = [line.split() for line in out.stdout.splitlines()[-2:]]
+    assert (plain[0], plain[3], fused[0], fused[3]) == ("False", "0", "True", "1")  # the fused kernel ran once
+    assert float(fused[1]) == pytest.approx(float(plain[1]), rel=1e-5)
+    assert float(fused[2]) == pytest.approx(float(plain[2]), rel=1e-4)

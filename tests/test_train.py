@@ -1,6 +1,7 @@
 """The training recipe end to end on the tiny model: bundle contents, learning, resume, atomic save, NF4."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -72,6 +73,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_persona, tiny_model_dir
     cfg = _config(tiny_persona, tiny_model_dir, tmp_path / "b", "train.max_steps=1")
     with pytest.raises(DataError, match="no checkpoint"):
         train(cfg, resume=True)
+
+
+def test_fused_kernels_setting(tiny_persona, tiny_model_dir, tmp_path):
+    """'auto' turns Liger on only where it runs (CUDA + liger-kernel); forcing it without CUDA says why."""
+    from finetune.conversation import DataError
+    from finetune.train import training_args
+
+    cfg = _config(tiny_persona, tiny_model_dir, tmp_path / "b")
+    expected = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    assert training_args(cfg, has_eval=True).use_liger_kernel is expected
+    assert training_args(cfg.model_copy(update={"train": cfg.train.model_copy(update={"fused_kernels": False})}),
+                         has_eval=True).use_liger_kernel is False
+    if not torch.cuda.is_available():
+        forced = load_config(None, [f"persona={tiny_persona}", "output_dir=x", "train.fused_kernels=true"])
+        with pytest.raises(DataError, match="train.fused_kernels: true needs"):
+            training_args(forced, has_eval=True)
 
 
 def test_atomic_save_keeps_the_old_bundle_on_crash(tmp_path):
@@ -150,7 +167,9 @@ def test_qlora_on_cuda(tiny_persona, tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     train(_config(tiny_persona, tiny_model_dir, out, "quantization=nf4", "train.max_steps=3",
                   "train.gradient_checkpointing=true"))
-    assert load_manifest(out).training["quantization"] == "nf4"
+    training = load_manifest(out).training
+    assert training["quantization"] == "nf4"
+    assert training["fused_kernels"] is (importlib.util.find_spec("liger_kernel") is not None)
     model, tok, manifest = load_bundle_model(out, "nf4")
     assert model.device.type == "cuda"
     assert isinstance(reply(model, tok, manifest, [{"role": "user", "content": "hi"}]), str)
