@@ -76,7 +76,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from finetune.config import load_config
     from finetune.dataset import make_collator
-    from finetune.train import PersonaTrainer, add_lora
+    from finetune.train import PersonaTrainer, add_lora, use_fused_kernels
 
     model = load_base(args)
     vocab = model.config.vocab_size
@@ -109,6 +109,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         max_steps=args.steps + 2, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
         report_to="none", bf16=torch.cuda.is_available(), remove_unused_columns=False, optim="adamw_torch",
         disable_tqdm=True, dataloader_pin_memory=False,
+        use_liger_kernel=args.variant == "personabot" and use_fused_kernels("auto"),  # our default: Liger on CUDA
     )
     trainer = trainer_cls(model=model, args=targs, train_dataset=_ListDataset(data), data_collator=collator,
                           callbacks=[Clock()])
@@ -121,7 +122,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": args.variant, "tokens_per_s": useful / seconds, "peak_gib": peak / 2**30,
-            "steps": args.steps, "useful_tokens": useful}
+            "steps": args.steps, "useful_tokens": useful, "fused_kernels": targs.use_liger_kernel}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -168,7 +169,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     print(f"# bench/train.py {args.shape} {args.quantization} batch {args.batch_size} x {args.steps} steps on {device}")
     for r in (plain, ours):
-        print(f"{r['variant']:>10}: {r['tokens_per_s']:8.1f} useful tokens/s   peak {r['peak_gib']:.2f} GiB")
+        print(f"{r['variant']:>10}: {r['tokens_per_s']:8.1f} useful tokens/s   peak {r['peak_gib']:.2f} GiB"
+              f"{'   (Liger kernels)' if r['fused_kernels'] else ''}")
     print(f"     ratio: {ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x tokens/s, "
           f"{ours['peak_gib'] / plain['peak_gib']:.2f}x peak memory")
 
