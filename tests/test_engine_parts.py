@@ -6,7 +6,7 @@ import torch
 
 from bot.engine import EngineError
 from bot.engine.context import fit_messages, prompt_budget
-from bot.engine.kvbatch import DecodeBatch
+from bot.engine.kvbatch import GROW, DecodeBatch, GrowingLayer
 from bot.engine.sampling import next_tokens
 from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
 from finetune.bundle import LoraInfo, Manifest
@@ -173,3 +173,26 @@ def test_decode_batch_rows_joining_and_leaving_match_each_sequence_alone(tiny_mo
                 seqs[name].append(token)
             logits = batch.step(forward, tokens)
         assert batch.length == max(len(seqs[n]) for n in order), "no padding column outlives its rows"
+
+
+def test_cache_layer_appends_in_place_and_keeps_its_contents_when_it_grows():
+    """A decode step must write one column into spare room, not copy the cache (DynamicLayer's concatenation)."""
+    layer = GrowingLayer()
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    layer.update(keys, values)
+    address = layer.keys.data_ptr()
+    steps = [(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)) for _ in range(GROW + 1)]
+    for k, v in steps[:GROW]:
+        out_k, out_v = layer.update(k, v)
+    assert layer.keys.data_ptr() == address and out_k.shape[-2] == 5 + GROW
+    layer.update(*steps[GROW])  # out of room: reallocated once, contents kept
+    assert layer.keys.data_ptr() != address and layer.get_seq_length() == 6 + GROW
+    torch.testing.assert_close(layer.keys, torch.cat([keys, *[k for k, _ in steps]], dim=2))
+    torch.testing.assert_close(layer.values, torch.cat([values, *[v for _, v in steps]], dim=2))
+    layer.truncate(4)
+    assert layer.keys.shape[-2] == layer.values.shape[-2] == layer.get_seq_length() == 4
+    # rows leaving: keys are replaced first, values must still read their own columns
+    layer.keys = layer.keys[:1, :, 1:]
+    torch.testing.assert_close(layer.values, values[:, :, :4])
+    layer.values = layer.values[:1, :, 1:]
+    torch.testing.assert_close(layer.values, values[:1, :, 1:4])

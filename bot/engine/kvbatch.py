@@ -5,9 +5,10 @@ leaving trims columns that no remaining row uses, so the cache is never longer t
 conversation. Each row carries its real position, so rotary embeddings see the same positions as when
 the request runs alone, and the attention mask hides the padding.
 
-Costs: a join copies the cache once (the old and the new both exist for a moment), padding costs memory
-when a long conversation runs beside short ones, and transformers' ``DynamicCache`` appends by
-concatenation, copying each layer's cache every step (a preallocated cache would avoid that).
+Each layer keeps its keys and values at the front of a buffer with room for ``GROW`` more tokens, so a
+decode step writes one column in place; transformers' ``DynamicLayer`` concatenates instead, copying every
+layer's whole cache on every step. Costs: a join or leave copies the cache once (old and new both exist
+for a moment), and padding costs memory when a long conversation runs beside short ones.
 """
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
+GROW = 256
+"""Spare token columns a layer's buffer gets whenever it has to be reallocated."""
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache], torch.Tensor]
 """(input_ids [B, Q], attention_mask [B, T+Q], position_ids [B, Q], cache) -> last-position logits [B, V]."""
 
 
@@ -29,10 +34,64 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers that grow ``GROW`` columns at a time.
+
+    Assigning ``keys`` or ``values`` (as joins and leaves do) adopts the tensor as a full buffer; the next
+    ``update`` reallocates it with spare room.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+        self._lengths = {"keys": 0, "values": 0}
+        super().__init__()
+
+    keys = property(lambda self: self._view("keys"), lambda self, t: self._adopt("keys", t))
+    values = property(lambda self: self._view("values"), lambda self, t: self._adopt("values", t))
+
+    def _view(self, name: str) -> torch.Tensor | None:
+        buffer = self._buffers[name]
+        return None if buffer is None else buffer[:, :, : self._lengths[name]]
+
+    def _adopt(self, name: str, tensor: torch.Tensor | None) -> None:
+        self._buffers[name] = tensor
+        self._lengths[name] = 0 if tensor is None or tensor.dim() < 3 else tensor.shape[-2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        for name, new in (("keys", key_states), ("values", value_states)):
+            buffer, start = self._buffers[name], self._lengths[name]
+            end = start + new.shape[-2]
+            if buffer is None or end > buffer.shape[-2]:
+                grown = new.new_empty((*new.shape[:2], end + GROW, new.shape[-1]))
+                if start:
+                    grown[:, :, :start] = buffer[:, :, :start]
+                self._buffers[name] = buffer = grown
+            buffer[:, :, start:end] = new
+            self._lengths[name] = end
+        return self.keys, self.values
+
+    def truncate(self, length: int) -> None:
+        """Forget every column from ``length`` on (the buffers keep their room)."""
+        self._lengths = {name: min(n, length) for name, n in self._lengths.items()}
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` made of ``GrowingLayer``s."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
 class DecodeBatch:
     """KV cache [B, heads, T, dim] per layer, attention mask [B, T] and per-row tensors (first dim B)."""
 
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cache: GrowingCache, mask: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
         self.cache = cache
         self.mask = mask
         self.rows = rows
@@ -56,7 +115,7 @@ class DecodeBatch:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long,
                             device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         logits = forward(ids, mask, positions, cache)
         return cls(cache, mask, rows), logits
 
@@ -103,6 +162,4 @@ class DecodeBatch:
 
     def _crop(self, length: int) -> None:
         for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.keys = layer.keys[:, :, :length]
-                layer.values = layer.values[:, :, :length]
+            layer.truncate(length)
