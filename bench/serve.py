@@ -17,7 +17,10 @@ Measured:
    same 8 through the engine one at a time, vs plain ``generate`` one at a time with ``set_adapter``
    switching between them;
 3. adapter switch time (peft ``set_adapter``; the engine has nothing to switch) and adapter load time from
-   the bundle on disk (``engine.load_adapter`` vs peft ``load_adapter``), mean over several loads.
+   the bundle on disk (``engine.load_adapter`` vs peft ``load_adapter``), mean over several loads;
+4. the next turn of a long conversation (the whole history re-sent, as the Discord bot does): time to first
+   token with the engine's prefix cache (the previous turn's KV reused) vs plain ``generate`` vs the engine
+   with the cache off. Sections 1-3 run with the cache off, so repeated prompts gain nothing from it.
 
 CPU (SmolLM2-135M, 64 new tokens per reply, about 3 minutes):  python bench/serve.py --dtype bf16
 GPU, 8B-shaped random model (tokenizer and chat template from SmolLM2):
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DTYPES, PROMPTS, add_base_args, random_base, random_bundle  # noqa: E402
 from bot.engine.local import LocalEngine  # noqa: E402
+from bot.engine.prefix import PrefixCache  # noqa: E402
 from finetune.bundle import Manifest  # noqa: E402
 from finetune.model import Quantization, load_model, load_tokenizer, resolve  # noqa: E402
 from finetune.persona import Sampling  # noqa: E402
@@ -70,10 +74,11 @@ def greedy(tokens: int) -> Sampling:
     return Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=tokens)
 
 
-async def engine_reply(engine: LocalEngine, adapter: str, prompt: str, tokens: int) -> Reply:
+async def engine_reply(engine: LocalEngine, adapter: str, prompt: str | list[dict], tokens: int) -> Reply:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     start = time.perf_counter()
     first, pieces = None, []
-    async for piece in engine.stream(adapter, [{"role": "user", "content": prompt}], greedy(tokens)):
+    async for piece in engine.stream(adapter, messages, greedy(tokens)):
         first = first or time.perf_counter() - start
         pieces.append(piece)
     return Reply(first or 0.0, time.perf_counter() - start, "".join(pieces))
@@ -116,8 +121,8 @@ class Plain:
     def set_adapter(self, name: str) -> None:
         self.model.set_adapter(name, inference_mode=True)
 
-    def reply(self, manifest: Manifest, prompt: str, tokens: int) -> Reply:
-        messages = [{"role": "user", "content": prompt}]
+    def reply(self, manifest: Manifest, prompt: str | list[dict], tokens: int) -> Reply:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = encode_prompt(self.tokenizer, manifest.system_prompt, messages, manifest.chat_template)
         input_ids = torch.tensor([ids], device=self.base.device)
         streamer = FirstToken()
@@ -130,6 +135,16 @@ class Plain:
         new = out[0, len(ids):]
         assert len(new) == tokens, f"plain generate made {len(new)} tokens, not {tokens}"
         return Reply(streamer.at - start, total, self.tokenizer.decode(new, skip_special_tokens=True))
+
+
+def long_history(seed: int, turns: int) -> list[dict[str, str]]:
+    """A made-up conversation of ``turns`` exchanges (different for each seed), ending with a user message."""
+    messages = []
+    for i in range(turns):
+        answer = " ".join(PROMPTS[(seed + i + 1) % len(PROMPTS)].split()[::-1])
+        messages += [{"role": "user", "content": f"({seed}.{i}) " + PROMPTS[(seed + i) % len(PROMPTS)]},
+                     {"role": "assistant", "content": f"{answer}, {answer}, {answer}."}]
+    return messages + [{"role": "user", "content": PROMPTS[seed % len(PROMPTS)]}]
 
 
 def agreement(texts: list[str]) -> str:
@@ -156,6 +171,7 @@ async def bench(args: argparse.Namespace) -> None:
     engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS)
     rt = await engine._runtime()
     rt.stop_ids = frozenset()  # end-of-sequence ignored: every reply is exactly n tokens
+    rt.prefixes = PrefixCache(0)  # sections 1-3: every prompt is prefilled in full, as plain generate does
     plain = Plain(base, args.quantization, dtype)
 
     # Adapter loads, disk -> serving. The first is left out of the mean: peft's first wraps the base model.
@@ -192,6 +208,22 @@ async def bench(args: argparse.Namespace) -> None:
         plain_serial.append(plain.reply(manifests[a], p, n))
     plain_serial_s = time.perf_counter() - start
     same_text_8 = sum(e.text == p.text for e, p in zip(alone, plain_serial))
+
+    # 4. the next turn of a long conversation, one fresh conversation per round
+    follow_cached, follow_off, follow_plain, history_tokens = [], [], [], 0
+    for round_ in range(args.rounds):
+        history = long_history(round_, args.history_turns)
+        rt.prefixes = PrefixCache(2**30)
+        first = await engine_reply(engine, "a1", history, n)  # the previous turn: its KV is kept
+        follow = history + [{"role": "assistant", "content": first.text},
+                            {"role": "user", "content": "and what happened after that?"}]
+        follow_cached.append(await engine_reply(engine, "a1", follow, 2))
+        rt.prefixes = PrefixCache(0)
+        follow_off.append(await engine_reply(engine, "a1", follow, 2))
+        plain.set_adapter("a1")
+        follow_plain.append(plain.reply(manifests["a1"], follow, 2))
+        history_tokens = len(encode_prompt(plain.tokenizer, manifests["a1"].system_prompt, follow,
+                                           manifests["a1"].chat_template))
     await engine.close()
 
     quantization = getattr(rt.model, "personabot_quantization", args.quantization)
@@ -224,6 +256,14 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"| {conc:.1f} | {serial:.1f} | {plain_tps:.1f} | {conc / serial:.2f}x | {conc / plain_tps:.2f}x "
           f"| {serial / plain_tps:.2f}x |")
 
+    cached, off, plain_ms = (1000 * statistics.median(r.first_s for r in rs)
+                             for rs in (follow_cached, follow_off, follow_plain))
+    print(f"\nNext turn of a {history_tokens}-token conversation, time to first token ms (median of "
+          f"{args.rounds} conversations):")
+    print("| engine, prefix cache | engine, cache off | plain generate | cache vs plain | cache vs cache off |")
+    print("|---|---|---|---|---|")
+    print(f"| {cached:.0f} | {off:.0f} | {plain_ms:.0f} | {plain_ms / cached:.2f}x | {off / cached:.2f}x |")
+
     e_load, p_load = 1000 * statistics.mean(engine_load), 1000 * statistics.mean(plain_load)
     print(f"\nAdapters (load: bundle on disk -> serving, mean of {len(engine_load)} loads, max in brackets):")
     print("| | engine | peft | engine vs peft (> 1: engine better) |")
@@ -240,6 +280,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128 if torch.cuda.is_available() else 64,
                         help="new tokens per reply")
     parser.add_argument("--rounds", type=int, default=3, help="batch-1 rounds per side")
+    parser.add_argument("--history-turns", type=int, default=12, help="exchanges before the timed next turn")
     parser.add_argument("--quick", action="store_true", help="32 new tokens per reply, 2 rounds (CPU)")
     args = parser.parse_args()
     if args.quick:

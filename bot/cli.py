@@ -60,6 +60,8 @@ def engine_factory(settings: Settings):
         from .engine import create_engine
 
         options = {"max_batch": settings.max_batch, "max_context": settings.max_context}
+        if settings.engine == "local":
+            options["prefix_cache_mb"] = settings.prefix_cache_mb
         return create_engine(
             settings.engine, base_model=settings.base_model, url=settings.openai_base_url,
             api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,

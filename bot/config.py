@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     quantization: Literal["auto", "nf4", "none"] = "auto"
     max_batch: int | None = Field(None, gt=0)
     max_context: int | None = Field(None, gt=0)
+    prefix_cache_mb: int = Field(1024, ge=0, description="local engine: finished replies' KV kept for reuse")
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
     personas_file: Path = Path("personas.yaml")

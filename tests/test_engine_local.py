@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from bot.engine import EngineError, create_engine, runtime
 from bot.engine.local import LocalEngine
+from bot.engine.prefix import PrefixCache
 from engine_fixtures import make_bundle, run
 from finetune.bundle import load_manifest
 from finetune.inference import sampling_kwargs
@@ -349,6 +350,8 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
             failures["decode"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(ids, mask, positions, cache, slots)
+
+    monkeypatch.setattr(rt, "prefixes", PrefixCache(0))  # every prompt takes a (batched) prefill here
 
     async def main():
         expected = [await engine.complete("one", m, SAMPLING) for m in (HELLO, STORM)]

@@ -22,6 +22,7 @@ def create_engine(
     max_batch: int = 8,
     max_context: int | None = None,
     dtype: torch.dtype | None = None,
+    prefix_cache_mb: int = 1024,
 ) -> Engine:
     """The engine the bot talks to. ``local``: the base model (default: the embedded SmolLM2) runs in
     this process. ``openai``: ``url`` (API root with ``/v1``) serves the adapters; ``base_model``, when
@@ -31,7 +32,8 @@ def create_engine(
 
         from .local import LocalEngine
 
-        return LocalEngine(base_model or EMBEDDED_DEFAULT, quantization, dtype, max_batch, max_context)
+        return LocalEngine(base_model or EMBEDDED_DEFAULT, quantization, dtype, max_batch, max_context,
+                           prefix_cache_mb)
     if kind == "openai":
         if not url:
             raise EngineError("engine 'openai' needs the server's url, e.g. http://127.0.0.1:8000/v1")

@@ -119,6 +119,31 @@ class DecodeBatch:
         logits = forward(ids, mask, positions, cache)
         return cls(cache, mask, rows), logits
 
+    @classmethod
+    def resume(
+        cls, forward: Forward, prompt: list[int], cached: int, kv: list[tuple[torch.Tensor, torch.Tensor]],
+        rows: dict[str, torch.Tensor], device: torch.device,
+    ) -> tuple[DecodeBatch, torch.Tensor]:
+        """One prompt whose first ``cached`` tokens' keys and values are ``kv``: only the rest runs."""
+        cache = GrowingCache()
+        for keys, values in kv:  # adopted as full buffers: the first update copies, never writes into them
+            layer = GrowingLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            cache.layers.append(layer)
+        ids = torch.tensor([prompt[cached:]], dtype=torch.long, device=device)
+        mask = torch.ones(1, len(prompt), dtype=torch.long, device=device)
+        positions = torch.arange(cached, len(prompt), device=device)[None]
+        logits = forward(ids, mask, positions, cache)
+        return cls(cache, mask, rows), logits
+
+    def row_kv(self, index: int) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Row ``index``'s own tokens count and a copy of their keys and values (its padding left out)."""
+        start = self.length - int(self.mask[index].sum())
+        kv = [(layer.keys[index : index + 1, :, start:].clone(), layer.values[index : index + 1, :, start:].clone())
+              for layer in self.cache.layers]
+        return self.length - start, kv
+
     def step(self, forward: Forward, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its latest token [B]; returns logits [B, V] for the token after it."""
         positions = self.mask.sum(-1, keepdim=True)

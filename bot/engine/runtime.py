@@ -18,6 +18,7 @@ from finetune.model import (
 
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
 from .lora import LoraSlots
+from .prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ WEIGHT_SHARE = 0.6
 
 
 class Runtime:
-    def __init__(self, model: Any, tokenizer: Any, info: BaseInfo) -> None:
+    def __init__(self, model: Any, tokenizer: Any, info: BaseInfo, prefix_cache_bytes: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -35,9 +36,12 @@ class Runtime:
         self.context: int = model.config.get_text_config().max_position_embeddings
         self.stop_ids: frozenset[int] = frozenset(stop_token_ids(tokenizer, model.generation_config))
         self.pad_id: int = tokenizer.pad_token_id
+        self.prefixes = PrefixCache(prefix_cache_bytes)
 
     @classmethod
-    def load(cls, base_model: str, quantization: Quantization, dtype: torch.dtype | None) -> Runtime:
+    def load(
+        cls, base_model: str, quantization: Quantization, dtype: torch.dtype | None, prefix_cache_bytes: int = 0
+    ) -> Runtime:
         ref = resolve(base_model)
         tokenizer = load_tokenizer(ref)
         if quantization == "auto":
@@ -46,14 +50,17 @@ class Runtime:
         model.eval()
         compute_dtype = model.get_input_embeddings().weight.dtype  # NF4 keeps embeddings in compute dtype
         info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, compute_dtype)
-        return cls(model, tokenizer, info)
+        return cls(model, tokenizer, info, prefix_cache_bytes)
 
     def add_adapter(self, adapter: PreparedAdapter) -> int:
         """Put the adapter's weights in a free slot; returns the slot requests name it by."""
-        return self.lora.add(adapter.weights)
+        slot = self.lora.add(adapter.weights)
+        self.prefixes.drop(slot)  # a reused slot: nothing cached under it may survive
+        return slot
 
     def delete_adapter(self, slot: int) -> None:
         self.lora.remove(slot)
+        self.prefixes.drop(slot)
 
     def forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, slots: list[int]

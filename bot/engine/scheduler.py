@@ -6,9 +6,11 @@ Continuous batching, step by step:
 2. drop cancelled requests;
 3. admit waiting requests while fewer than ``max_batch`` are decoding: their prompts run as one
    left-padded prefill (each row with its own adapter), the first token is sampled, and the rows join
-   the running batch (``DecodeBatch``);
+   the running batch (``DecodeBatch``). A prompt that continues a finished reply on the same adapter
+   (the next turn of a conversation) prefills alone and only past that reply's cached KV (``prefix``);
 4. one decode step: a single forward over all active rows, each with its own adapter (a LoRA slot,
-   see ``lora``), position and sampling settings; finished rows leave the batch at once;
+   see ``lora``), position and sampling settings; finished rows leave the batch at once, their KV
+   kept in the prefix cache;
 5. delete retired adapters (unloaded or replaced) that no request uses any more.
 
 A long reply therefore never holds back a short one: a request started later joins at the next step
@@ -38,6 +40,7 @@ from finetune.persona import Sampling
 
 from .base import EngineError
 from .kvbatch import DecodeBatch
+from .prefix import KV
 from .runtime import Runtime
 from .sampling import next_tokens, row_params, seen_tokens
 from .text import ReplyText
@@ -205,10 +208,19 @@ class Scheduler:
     def _admit(self) -> None:
         free = self._max_batch - len(self._rows)
         group = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        if not group:
-            return
+        misses = []
+        for request in group:  # a prompt continuing a finished reply prefills alone, from that reply's KV
+            hit = self._runtime.prefixes.lookup(request.slot, request.prompt)
+            if hit is None:
+                misses.append(request)
+            else:
+                self._try_prefill([request], hit)
+        if misses:
+            self._try_prefill(misses)
+
+    def _try_prefill(self, group: list[Request], hit: tuple[int, KV] | None = None) -> None:
         try:
-            self._prefill(group)
+            self._prefill(group, hit)
         except Exception as exc:
             if len(group) == 1:
                 self._fail(group[0], exc)
@@ -219,12 +231,15 @@ class Scheduler:
                 except Exception as single_exc:
                     self._fail(request, single_exc)
 
-    def _prefill(self, group: list[Request]) -> None:
+    def _prefill(self, group: list[Request], hit: tuple[int, KV] | None = None) -> None:
         rt = self._runtime
         params = [row_params(r.sampling, rt.device) for r in group]
         rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
         forward = partial(rt.forward, slots=[r.slot for r in group])
-        batch, logits = DecodeBatch.prefill(forward, [r.prompt for r in group], rows, rt.pad_id, rt.device)
+        if hit is None:
+            batch, logits = DecodeBatch.prefill(forward, [r.prompt for r in group], rows, rt.pad_id, rt.device)
+        else:
+            batch, logits = DecodeBatch.resume(forward, group[0].prompt, *hit, rows, rt.device)
         vocab = logits.shape[-1]
         batch.rows["seen"] = torch.cat([seen_tokens(r.prompt, vocab, rt.device) for r in group])
         tokens = self._sample(batch, logits)
@@ -237,7 +252,7 @@ class Scheduler:
         for r in group:
             r.text = ReplyText(rt.tokenizer, r.prompt, r.sampling.stop)
         done = self._accept(group, tokens)
-        self._remove([start + i for i in done])
+        self._remove([start + i for i in done], finished=True)
 
     def _decode(self) -> None:
         forward = partial(self._runtime.forward, slots=[r.slot for r in self._rows])
@@ -251,7 +266,7 @@ class Scheduler:
                 torch.cuda.empty_cache()
             return
         done = self._accept(self._rows, self._sample(self._batch, logits))
-        self._remove(done)
+        self._remove(done, finished=True)
 
     def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[int]:
         tokens = next_tokens(logits, batch.rows)
@@ -276,9 +291,16 @@ class Scheduler:
                 done.append(i)
         return done
 
-    def _remove(self, indices: list[int]) -> None:
+    def _remove(self, indices: list[int], finished: bool = False) -> None:
+        """Take these rows out of the batch; a finished row's KV goes to the prefix cache first."""
         if not indices:
             return
+        prefixes = self._runtime.prefixes
+        if finished and prefixes.budget > 0:
+            for i in indices:
+                r = self._rows[i]
+                fed, kv = self._batch.row_kv(i)
+                prefixes.store(r.slot, (r.prompt + r.tokens)[:fed], kv, len(r.prompt))
         gone = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         if keep:
