@@ -17,7 +17,7 @@ from finetune.bundle import BundleError, Manifest
 from .client import BotClient
 from .commands import CommandError
 from .config import ConfigError, PersonaSpec, Settings, persona_token
-from .conversation import gather, render
+from .conversation import gather, render, window_start
 from .conversations import ConverseSession
 from .engine.base import Engine, EngineError
 from .queues import ChannelQueues
@@ -45,6 +45,8 @@ class PersonaBot:
         self.queues = ChannelQueues()
         self.sessions: dict[int, ConverseSession] = {}
         self.resets: dict[int, int] = {}
+        self.windows: dict[int, int] = {}
+        """channel id -> the newest message that has fallen out of the channel's context window"""
         self.streams: dict[int, set[ReplyStream]] = defaultdict(set)
         self.clients: list[BotClient] = []
         self.voices: list[Voice] = []
@@ -200,10 +202,18 @@ class PersonaBot:
 
     async def answer(self, voice: Voice, message: discord.Message) -> str:
         """``voice`` replies to ``message`` (which may have come through another persona's client)."""
-        history = await gather(message, self.settings.history_messages, self.resets.get(message.channel.id))
-        messages = render(
-            history, voice.owns, max_messages=self.settings.history_messages, max_chars=self.settings.history_chars
-        )
+        channel_id, limit, chars = message.channel.id, self.settings.history_messages, self.settings.history_chars
+        reset = self.resets.get(channel_id)
+        if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
+            floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
+            history = await gather(message, limit + 1, floor)  # one more than fits shows that the window is full
+            start = window_start(history, voice.owns, max_messages=limit, max_chars=chars)
+            if start:
+                self.windows[channel_id] = history[start - 1].id
+            history = history[start:]
+        else:
+            history = await gather(message, limit, reset)
+        messages = render(history, voice.owns, max_messages=limit, max_chars=chars)
         if message.guild is None:
             return await self.reply(voice, message.channel, messages)
         channel = voice.client.get_channel(message.channel.id)
@@ -258,6 +268,7 @@ class PersonaBot:
     def reset(self, channel_id: int) -> None:
         """/reset: messages up to now are no longer context in this channel."""
         self.resets[channel_id] = discord.utils.time_snowflake(discord.utils.utcnow(), high=True)
+        self.windows.pop(channel_id, None)
 
     def converse(
         self, channel: discord.abc.Messageable, names: list[str], topic: str, turns: int | None,

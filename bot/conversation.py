@@ -47,17 +47,46 @@ def render(
     for message in reversed(history):
         if len(turns) >= max_messages or budget <= 0:
             break
-        text = _text(message) if message.type in CHAT_TYPES else ""
-        if not text:
+        turn = _turn(message, owns)
+        if turn is None:
             continue
-        if owns(message):
-            turn = {"role": "assistant", "content": text}
-        else:
-            turn = {"role": "user", "content": f"{message.author.display_name}: {text}"}
         turn["content"] = turn["content"][-budget:]
         budget -= len(turn["content"])
         turns.append(turn)
     return _merge(turns[::-1])
+
+
+def window_start(
+    history: list[discord.Message], owns: Callable[[discord.Message], bool], *, max_messages: int, max_chars: int
+) -> int:
+    """Where the context should start in ``history``: 0 while all of it fits the budget, else at the newest
+    messages that fill half of it.
+
+    Cutting in halves rather than sliding by one message keeps the start of the prompt the same for many
+    turns, so the engine can reuse the previous turn's KV cache instead of reading the whole history again.
+    """
+    turns = [_turn(m, owns) for m in history]
+    sizes = [len(t["content"]) for t in turns if t is not None]
+    if len(sizes) <= max_messages and sum(sizes) <= max_chars:
+        return 0
+    start, count, chars = len(history) - 1, 0, 0  # the newest message always stays
+    while start >= 0:
+        turn = turns[start]
+        if turn is not None:
+            count, chars = count + 1, chars + len(turn["content"])
+            if count > max(max_messages // 2, 1) or chars > max_chars // 2:
+                break
+        start -= 1
+    return min(start + 1, len(history) - 1)
+
+
+def _turn(message: discord.Message, owns: Callable[[discord.Message], bool]) -> dict[str, str] | None:
+    text = _text(message) if message.type in CHAT_TYPES else ""
+    if not text:
+        return None
+    if owns(message):
+        return {"role": "assistant", "content": text}
+    return {"role": "user", "content": f"{message.author.display_name}: {text}"}
 
 
 def _text(message: discord.Message) -> str:

@@ -11,7 +11,7 @@ import pytest
 from fake_discord_harness import async_test
 
 from bot.config import ConfigError, Settings, load_personas, persona_token, select
-from bot.conversation import render
+from bot.conversation import render, window_start
 from bot.queues import ChannelQueues
 from bot.streaming import PLACEHOLDER, EditLimiter, ReplyStream, split_message
 
@@ -178,6 +178,35 @@ def test_render_names_speakers_merges_turns_and_keeps_the_newest():
         {"role": "assistant", "content": "Arr."}, {"role": "user", "content": "Alice: more?"}]
     assert render([msg("Alice", "x" * 50)], lambda m: False, max_messages=5, max_chars=10) == [
         {"role": "user", "content": "x" * 10}]
+
+
+def test_context_window_start_moves_in_jumps_so_prompts_keep_their_prefix():
+    """Simulates a busy channel the way ``PersonaBot.answer`` reads it: fetch one message more than fits
+    after the window's floor; when the window is full it restarts at the newest half."""
+    channel = [msg(f"user{i % 3}", f"message number {i} " + "x" * (i % 7), mine=i % 4 == 3) for i in range(120)]
+    for i, m in enumerate(channel):
+        m.id = i + 1
+    owns, limit, chars = (lambda m: m.mine), 20, 6000
+    floor, prompts, sizes = 0, [], []
+    for now in range(1, len(channel) + 1):
+        visible = [m for m in channel[:now] if m.id > floor][-(limit + 1):]
+        start = window_start(visible, owns, max_messages=limit, max_chars=chars)
+        if start:
+            floor = visible[start - 1].id
+        window = visible[start:]
+        assert window[-1] is channel[now - 1], "the newest message is always in the context"
+        prompts.append(render(window, owns, max_messages=limit, max_chars=chars))
+        sizes.append(len(window))
+    assert max(sizes) == limit and min(sizes[limit:]) >= limit // 2, "never more than fits, never under half"
+    kept = sum(new[: len(old) - 1] == old[:-1] for old, new in zip(prompts, prompts[1:]))
+    assert kept >= 0.85 * (len(prompts) - 1), f"only {kept} of {len(prompts) - 1} prompts extend the previous one"
+    # sliding by one message instead (the window's floor never set) changes the start of nearly every prompt
+    slide = [render(channel[max(0, n - limit):n], owns, max_messages=limit, max_chars=chars) for n in range(1, 121)]
+    assert sum(new[: len(old) - 1] == old[:-1] for old, new in zip(slide, slide[1:])) < 0.3 * 119
+
+    tight = [msg("Alice", "y" * 100) for _ in range(5)]
+    assert window_start(tight, owns, max_messages=20, max_chars=250) == 4  # half of 250 chars: one message
+    assert window_start(tight, owns, max_messages=20, max_chars=600) == 0
 
 
 # configuration
