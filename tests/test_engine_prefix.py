@@ -101,3 +101,32 @@ def test_prefix_cache_lookup_eviction_and_drop():
     assert len(cache) == 2 and cache.lookup(1, b) is None  # b was the least recently used
     cache.drop(1)
     assert len(cache) == 0 and cache.size == 0
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_out_of_memory_clears_the_prefix_cache_before_failing_anyone(tiny_model_dir, bundles, where):
+    other = [{"role": "user", "content": "say something about fish, lad"}]
+
+    async def main(oom: bool):
+        engine = _engine(tiny_model_dir, 64)
+        await engine.load_adapter("one", bundles["one"])
+        rt = await engine._runtime()
+        await engine.complete("one", FIRST, GREEDY)  # its KV stays in the cache
+        forward, failed = rt.forward, []
+
+        def flaky(ids, mask, positions, cache, slots):
+            if oom and not failed and (ids.shape[1] == 1) == (where == "decode"):
+                failed.append(where)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return forward(ids, mask, positions, cache, slots)
+
+        rt.forward = flaky
+        reply = await engine.complete("one", other, GREEDY)
+        entries = len(rt.prefixes)
+        await engine.close()
+        return reply, failed, entries
+
+    expected, _, kept = run(main(False))
+    reply, failed, entries = run(main(True))
+    assert failed == [where] and reply == expected
+    assert kept == 2 and entries == 1, "the first conversation's KV was given up; the new reply's was kept"

@@ -81,6 +81,13 @@ class PrefixCache:
         while self.size > self.budget:
             self._pop(next(iter(self._entries)))
 
+    def clear(self) -> bool:
+        """Forget everything (to free memory); True if there was anything to forget."""
+        had = bool(self._entries)
+        self._entries.clear()
+        self.size = 0
+        return had
+
     def drop(self, slot: int) -> None:
         """Forget every entry of this slot (its adapter is gone or replaced)."""
         for key in [k for k, e in self._entries.items() if e.slot == slot]:

@@ -219,17 +219,25 @@ class Scheduler:
             self._try_prefill(misses)
 
     def _try_prefill(self, group: list[Request], hit: tuple[int, KV] | None = None) -> None:
+        error = self._attempt(group, hit)
+        if isinstance(error, torch.OutOfMemoryError) and self._free_cached_memory():
+            error = hit = None  # let the failed attempt's tensors go before trying again
+            error = self._attempt(group)
+        if error is None:
+            return
+        if len(group) == 1:
+            self._fail(group[0], error)
+            return
+        for request in group:  # find the one at fault; the others still get their reply
+            if (single_error := self._attempt([request])) is not None:
+                self._fail(request, single_error)
+
+    def _attempt(self, group: list[Request], hit: tuple[int, KV] | None = None) -> Exception | None:
         try:
             self._prefill(group, hit)
         except Exception as exc:
-            if len(group) == 1:
-                self._fail(group[0], exc)
-                return
-            for request in group:  # find the one at fault; the others still get their reply
-                try:
-                    self._prefill([request])
-                except Exception as single_exc:
-                    self._fail(request, single_exc)
+            return exc
+        return None
 
     def _prefill(self, group: list[Request], hit: tuple[int, KV] | None = None) -> None:
         rt = self._runtime
@@ -259,6 +267,8 @@ class Scheduler:
         try:
             logits = self._batch.step(forward, self._batch.rows["last"])
         except torch.OutOfMemoryError:
+            if self._free_cached_memory():
+                return  # the step runs again next time round, with the memory the prefix cache held
             newest = len(self._rows) - 1
             self._fail(self._rows[newest], EngineError("out of memory while decoding; request dropped"))
             self._remove([newest])
@@ -267,6 +277,15 @@ class Scheduler:
             return
         done = self._accept(self._rows, self._sample(self._batch, logits))
         self._remove(done, finished=True)
+
+    def _free_cached_memory(self) -> bool:
+        """Out of memory: the prefix cache goes before any request does. True if it held anything."""
+        if not self._runtime.prefixes.clear():
+            return False
+        log.warning("out of memory: prefix cache cleared")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
 
     def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[int]:
         tokens = next_tokens(logits, batch.rows)
