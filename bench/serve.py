@@ -5,8 +5,8 @@ random LoRA adapter bundles (r=16 by default, on every attention and MLP project
 helper), and answer the same prompts, rendered with the bundle's system prompt and chat template. Decoding
 is greedy and end-of-sequence is ignored by both (the engine's stop ids are cleared, ``generate`` gets
 ``eos_token_id=None``), so every reply is exactly --new-tokens long and both should write the same text.
-peft keeps the LoRA weights in the base's dtype (``autocast_adapter_dtype=False``) like the engine does;
-its default upcasts them to fp32, which costs casts and makes bf16 replies drift apart after a few tokens.
+peft keeps the LoRA weights where the engine does: in the base's dtype on a GPU (``autocast_adapter_dtype=False``),
+in fp32 on a CPU (peft's default upcast; small bf16 matmuls are slow on a CPU), so both compute the same thing.
 (Replies decoded in a batch may differ from those decoded alone: batched kernels round differently.)
 
 Measured:
@@ -112,11 +112,12 @@ class Plain:
     def load_adapter(self, name: str, bundle: Path) -> None:
         from peft import PeftModel
 
+        upcast = self.base.device.type == "cpu"  # as the engine's LoRA slots (bot/engine/runtime.py)
         if self.model is None:
             self.model = PeftModel.from_pretrained(self.base, str(bundle), adapter_name=name,
-                                                   autocast_adapter_dtype=False)
+                                                   autocast_adapter_dtype=upcast)
         else:
-            self.model.load_adapter(str(bundle), adapter_name=name, autocast_adapter_dtype=False)
+            self.model.load_adapter(str(bundle), adapter_name=name, autocast_adapter_dtype=upcast)
 
     def set_adapter(self, name: str) -> None:
         self.model.set_adapter(name, inference_mode=True)

@@ -429,7 +429,7 @@ def test_event_loop_stays_responsive_while_loading_and_generating(tiny_model_dir
 
 
 def test_nf4_base_serves_a_mixed_batch(tiny_model_dir, bundles):
-    """The 4-bit base (bitsandbytes, here on CPU) with LoRA slots in its bf16 compute dtype."""
+    """The 4-bit base (bitsandbytes, here on CPU: LoRA slots in fp32 beside its bf16 compute dtype)."""
     pytest.importorskip("bitsandbytes")
 
     async def main():

@@ -33,7 +33,7 @@ class BaseInfo:
     """module path -> (in_features, out_features) of every linear layer a LoRA could target."""
     device: torch.device
     dtype: torch.dtype
-    """what LoRA weights are kept and computed in (the base's compute dtype)."""
+    """what LoRA weights are kept and computed in: the base's compute dtype on a GPU, fp32 on a CPU."""
 
 
 @dataclass(frozen=True)

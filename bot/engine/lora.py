@@ -115,4 +115,4 @@ class LoraSlots:
             hidden = torch.bmm(rows, stack.a.index_select(0, self._rows).transpose(1, 2))
             delta = torch.bmm(hidden, stack.b.index_select(0, self._rows).transpose(1, 2))
             delta = delta.reshape(*x.shape[:-1], delta.shape[-1])
-        return out + delta.to(out.dtype)
+        return (out + delta).to(out.dtype)  # added at the higher precision of the two, as peft does

@@ -48,8 +48,11 @@ class Runtime:
             quantization = serving_quantization(ref, dtype or compute_dtype())
         model = load_model(ref, quantization, dtype)
         model.eval()
-        compute_dtype = model.get_input_embeddings().weight.dtype  # NF4 keeps embeddings in compute dtype
-        info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, compute_dtype)
+        lora_dtype = model.get_input_embeddings().weight.dtype  # the compute dtype (NF4 keeps embeddings in it)
+        if model.device.type == "cpu":
+            # rank-16 matmuls take ~20 us in bf16 on a CPU and 2-3 us in fp32: 11% faster decode at batch 1
+            lora_dtype = torch.float32
+        info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, lora_dtype)
         return cls(model, tokenizer, info, prefix_cache_bytes)
 
     def add_adapter(self, adapter: PreparedAdapter) -> int:
