@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import DTYPES, PROMPTS, add_base_args, random_base, random_bundle  # noqa: E402
+from bench.engine import DTYPES, PROMPTS, add_base_args, off_thread, random_base, random_bundle  # noqa: E402
 from bot.engine.local import LocalEngine  # noqa: E402
 from bot.engine.prefix import PrefixCache  # noqa: E402
 from finetune.bundle import Manifest  # noqa: E402
@@ -164,16 +164,23 @@ async def bench(args: argparse.Namespace) -> None:
     work, dtype = Path(args.work_dir), DTYPES[args.dtype]
     base = args.base_model
     if args.random_shape:
-        base = random_base(args.random_shape, args.base_model, dtype, work)
+        base = off_thread(random_base, args.random_shape, args.base_model, dtype, work)
     names = [f"a{i}" for i in range(CONVERSATIONS)]
-    bundles = [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank) for i in range(CONVERSATIONS)]
+    bundles = off_thread(lambda: [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank)
+                                  for i in range(CONVERSATIONS)])
     n = args.new_tokens
 
     engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS)
     rt = await engine._runtime()
     rt.stop_ids = frozenset()  # end-of-sequence ignored: every reply is exactly n tokens
     rt.prefixes = PrefixCache(0)  # sections 1-3: every prompt is prefilled in full, as plain generate does
-    plain = Plain(base, args.quantization, dtype)
+    # Every torch call of the plain side runs on the engine's worker thread, between engine steps: on a CPU a
+    # second thread doing torch work gets its own OpenMP team, and two teams spinning on the same cores
+    # halve the speed of both (measured: the engine alone 26 tok/s, 13 once the main thread had run generate).
+    def on_worker(fn: Any, *fn_args: Any) -> Any:
+        return engine._scheduler.call(fn, *fn_args).result()
+
+    plain = on_worker(Plain, base, args.quantization, dtype)
 
     # Adapter loads, disk -> serving. The first is left out of the mean: peft's first wraps the base model.
     engine_load, plain_load, manifests = [], [], {}
@@ -181,18 +188,18 @@ async def bench(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         manifests[name] = await engine.load_adapter(name, bundle)
         engine_load.append(time.perf_counter() - start)
-        plain_load.append(timed(plain.load_adapter, name, bundle))
+        plain_load.append(on_worker(timed, plain.load_adapter, name, bundle))
     engine_load, plain_load = engine_load[1:], plain_load[1:]
-    switch_s = [timed(plain.set_adapter, names[i % CONVERSATIONS]) for i in range(SWITCHES)]
+    switch_s = [on_worker(timed, plain.set_adapter, names[i % CONVERSATIONS]) for i in range(SWITCHES)]
 
     await engine_reply(engine, "a0", PROMPTS[0], 4)  # warm-up
-    plain.set_adapter("a0")
-    plain.reply(manifests["a0"], PROMPTS[0], 4)
+    on_worker(plain.set_adapter, "a0")
+    on_worker(plain.reply, manifests["a0"], PROMPTS[0], 4)
 
     engine_1, plain_1 = [], []
     for _ in range(args.rounds):
         engine_1.append(await engine_reply(engine, "a0", PROMPTS[0], n))
-        plain_1.append(plain.reply(manifests["a0"], PROMPTS[0], n))
+        plain_1.append(on_worker(plain.reply, manifests["a0"], PROMPTS[0], n))
     same_text = agreement([r.text for r in engine_1 + plain_1])
 
     jobs = [(name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(names)]
@@ -205,8 +212,8 @@ async def bench(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     plain_serial = []
     for a, p in jobs:
-        plain.set_adapter(a)
-        plain_serial.append(plain.reply(manifests[a], p, n))
+        on_worker(plain.set_adapter, a)
+        plain_serial.append(on_worker(plain.reply, manifests[a], p, n))
     plain_serial_s = time.perf_counter() - start
     same_text_8 = sum(e.text == p.text for e, p in zip(alone, plain_serial))
 
@@ -221,8 +228,8 @@ async def bench(args: argparse.Namespace) -> None:
         follow_cached.append(await engine_reply(engine, "a1", follow, 2))
         rt.prefixes = PrefixCache(0)
         follow_off.append(await engine_reply(engine, "a1", follow, 2))
-        plain.set_adapter("a1")
-        follow_plain.append(plain.reply(manifests["a1"], follow, 2))
+        on_worker(plain.set_adapter, "a1")
+        follow_plain.append(on_worker(plain.reply, manifests["a1"], follow, 2))
         history_tokens = len(encode_prompt(plain.tokenizer, manifests["a1"].system_prompt, follow,
                                            manifests["a1"].chat_template))
     await engine.close()
