@@ -447,6 +447,27 @@ def test_nf4_base_serves_a_mixed_batch(tiny_model_dir, bundles):
     assert all(alone) and alone[0] != alone[1] and together == alone
 
 
+def test_loading_an_adapter_leaves_no_thread_behind(tiny_model_dir, bundles):
+    """Reading a bundle runs torch ops; on a thread that lived on, their OpenMP team would compete with the
+    engine worker's for the CPU cores (decoding at half speed), so that thread must end."""
+    import threading
+
+    async def main():
+        engine = _engine(tiny_model_dir)
+        await engine._runtime()
+        before = set(threading.enumerate())
+        await engine.load_adapter("one", bundles["one"])
+        for _ in range(200):
+            left = [t for t in threading.enumerate() if t not in before]
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+        await engine.close()
+        return left
+
+    assert run(main()) == []
+
+
 def test_parameter_count_matches_the_loaded_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
