@@ -109,7 +109,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         max_steps=args.steps + 2, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
         report_to="none", bf16=torch.cuda.is_available(), remove_unused_columns=False, optim="adamw_torch",
         disable_tqdm=True, dataloader_pin_memory=False,
-        use_liger_kernel=args.variant == "personabot" and use_fused_kernels("auto"),  # our default: Liger on CUDA
+        # our default: Liger's kernels on CUDA (--no-fused-kernels measures ours without them)
+        use_liger_kernel=args.variant == "personabot" and args.fused_kernels and use_fused_kernels("auto"),
     )
     trainer = trainer_cls(model=model, args=targs, train_dataset=_ListDataset(data), data_collator=collator,
                           callbacks=[Clock()])
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                        help="our variant without Liger's kernels (they are on by default with CUDA)")
     parser.add_argument("--variant", choices=["plain", "personabot"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
