@@ -1,7 +1,8 @@
-"""The served model: one base, its tokenizer, and the LoRA slots every loaded adapter lives in.
+"""The served model: one base, its tokenizer, the LoRA slots every loaded adapter lives in, and the
+prefix cache of finished replies' KV.
 
-Only the scheduler's worker thread calls ``add_adapter``, ``delete_adapter`` and ``forward``; the other
-attributes are fixed after loading and safe to read from any thread.
+Only the scheduler's worker thread calls ``add_adapter``, ``delete_adapter`` and ``forward`` and touches
+``prefixes``; the other attributes are fixed after loading and safe to read from any thread.
 """
 from __future__ import annotations
 
