@@ -37,6 +37,8 @@ class Entry:
 
 
 class PrefixCache:
+    """Finished rows' tokens and KV, at most ``budget_bytes`` of them; used by the scheduler's thread only."""
+
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self._entries: OrderedDict[int, Entry] = OrderedDict()
