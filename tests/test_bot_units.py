@@ -54,9 +54,8 @@ async def test_limiter_spaces_writes_per_channel_and_globally():
     await limiter.acquire(1)
     waiting = asyncio.create_task(limiter.acquire(1))  # channel 1's next slot is 0.1 s away...
     await asyncio.sleep(0)
-    start = time.monotonic()
     await limiter.acquire(2)
-    assert time.monotonic() - start < 0.05, "...which does not hold up another channel"
+    assert not waiting.done(), "...which does not hold up another channel"  # (its slot comes first)
     await waiting
 
 
