@@ -53,12 +53,14 @@ class PersonaTrainer(Trainer):
     model for those positions alone (``logits_to_keep``) cuts the vocabulary projection and the logits'
     memory by ~4x: most of the cost of the loss on a large-vocabulary model. With Liger kernels on, their
     fused linear cross-entropy takes those positions' hidden states and never materializes logits at all.
-    Packed rows only (batch of 1); padded batches and evaluation take the stock path.
+    Evaluation's loss takes the same path. Packed rows only (batch of 1); padded batches, and evaluations
+    with ``compute_metrics`` (they need every logit), take the stock path.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        if return_outputs or labels is None or labels.shape[0] != 1:
+        wants_logits = return_outputs and self.compute_metrics is not None  # evaluation that needs every logit
+        if wants_logits or labels is None or labels.shape[0] != 1:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         targets = labels[0, 1:]
@@ -74,7 +76,7 @@ class PersonaTrainer(Trainer):
             # as the stock loss does: the count is summed over processes, and DDP averages their gradients
             scale = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
             loss = loss * scale
-        return loss
+        return (loss, out) if return_outputs else loss
 
 
 def use_fused_kernels(setting: bool | Literal["auto"]) -> bool:

@@ -135,6 +135,32 @@ def test_trainer_loss_on_kept_positions_equals_full_loss(tiny_model_dir, tiny_to
         assert stock.item() == pytest.approx(full.item() * 2 / 3, rel=1e-4)
 
 
+
+def test_evaluation_loss_takes_the_kept_positions_path_and_equals_the_stock_one(tiny_model_dir, tiny_tokenizer,
+                                                                                 tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from finetune.train import PersonaTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = [{"input_ids": e.input_ids, "labels": e.labels}
+            for e in (encode_conversation(tiny_tokenizer, CONVO[:n]) for n in (2, 3, 4, 4))]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=2,
+                             remove_unused_columns=False)
+    collator = make_collator(tiny_tokenizer, packing=True)
+    kept, forward = [], model.forward
+
+    def spy(*a, **kw):
+        kept.append(type(kw.get("logits_to_keep")).__name__)
+        return forward(*a, **kw)
+
+    model.forward = spy
+    fast = PersonaTrainer(model=model, args=args, eval_dataset=rows, data_collator=collator).evaluate()
+    fast_calls, kept[:] = list(kept), []
+    stock = Trainer(model=model, args=args, eval_dataset=rows, data_collator=collator).evaluate()
+    assert fast["eval_loss"] == pytest.approx(stock["eval_loss"], rel=1e-5)
+    assert fast_calls == ["Tensor", "Tensor"] and kept == ["NoneType", "NoneType"]
+
 _FUSED_CHECK = """
 import sys, torch
 import liger_kernel.transformers.model.llama as liger_llama
