@@ -67,7 +67,8 @@ class PersonaTrainer(Trainer):
         keep = (targets != IGNORE).nonzero().squeeze(-1)
         count = num_items_in_batch if num_items_in_batch is not None else max(keep.numel(), 1)
         fused = {"shift_labels": targets[keep][None], "num_items_in_batch": count}
-        out = model(**inputs, logits_to_keep=keep, use_cache=False, **(fused if self.args.use_liger_kernel else {}))
+        use_fused = self.args.use_liger_kernel and keep.numel() > 0
+        out = model(**inputs, logits_to_keep=keep, use_cache=False, **(fused if use_fused else {}))
         if out.loss is not None:  # Liger's fused linear cross-entropy
             loss = out.loss
         else:
