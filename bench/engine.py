@@ -18,19 +18,16 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.engine.adapters import linear_shapes  # noqa: E402
-from bot.engine.local import LocalEngine  # noqa: E402
+from bot.engine.local import LocalEngine, on_own_thread  # noqa: E402
 from finetune.bundle import MANIFEST, LoraInfo, Manifest  # noqa: E402
 from finetune.model import fingerprint, load_tokenizer, materialize, resolve  # noqa: E402
 from finetune.persona import Sampling  # noqa: E402
@@ -47,17 +44,6 @@ PROMPTS = [
     "who taught you to sail, and was it hard?",
     "say something about fish",
 ]
-
-
-T = TypeVar("T")
-
-
-def off_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run torch set-up work on a thread that then ends. On a CPU every thread that runs torch ops gets an
-    OpenMP team, and an idle team left on the main thread halves the engine worker's speed (measured 26 vs
-    13 tok/s); a team goes away with its thread."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def random_base(shape: str, tokenizer_spec: str, dtype: torch.dtype, root: Path) -> str:
@@ -122,10 +108,10 @@ async def bench(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir)
     base = args.base_model
     if args.random_shape:
-        base = off_thread(random_base, args.random_shape, args.base_model, DTYPES[args.dtype], work)
+        base = await on_own_thread(random_base, args.random_shape, args.base_model, DTYPES[args.dtype], work)
     n_adapters = max(args.concurrency)
-    bundles = off_thread(lambda: [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank)
-                                  for i in range(n_adapters + 1)])
+    bundles = await on_own_thread(lambda: [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank)
+                                           for i in range(n_adapters + 1)])
 
     started = time.perf_counter()
     engine = LocalEngine(base, quantization=args.quantization, dtype=DTYPES[args.dtype], max_batch=n_adapters)

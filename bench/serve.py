@@ -46,8 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import DTYPES, PROMPTS, add_base_args, off_thread, random_base, random_bundle  # noqa: E402
-from bot.engine.local import LocalEngine  # noqa: E402
+from bench.engine import DTYPES, PROMPTS, add_base_args, random_base, random_bundle  # noqa: E402
+from bot.engine.local import LocalEngine, on_own_thread  # noqa: E402
 from bot.engine.prefix import PrefixCache  # noqa: E402
 from finetune.bundle import Manifest  # noqa: E402
 from finetune.model import Quantization, load_model, load_tokenizer, resolve  # noqa: E402
@@ -164,10 +164,10 @@ async def bench(args: argparse.Namespace) -> None:
     work, dtype = Path(args.work_dir), DTYPES[args.dtype]
     base = args.base_model
     if args.random_shape:
-        base = off_thread(random_base, args.random_shape, args.base_model, dtype, work)
+        base = await on_own_thread(random_base, args.random_shape, args.base_model, dtype, work)
     names = [f"a{i}" for i in range(CONVERSATIONS)]
-    bundles = off_thread(lambda: [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank)
-                                  for i in range(CONVERSATIONS)])
+    bundles = await on_own_thread(lambda: [random_bundle(base, work / f"adapter-{i}", seed=i, rank=args.rank)
+                                           for i in range(CONVERSATIONS)])
     n = args.new_tokens
 
     engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS)

@@ -74,7 +74,7 @@ class LocalEngine(Engine):
 
     async def load_adapter(self, name: str, bundle_dir: str | Path) -> Manifest:
         rt = await self._runtime()
-        prepared = await _on_own_thread(prepare_adapter, name, Path(bundle_dir).resolve(), rt.info)
+        prepared = await on_own_thread(prepare_adapter, name, Path(bundle_dir).resolve(), rt.info)
         job = self._scheduler.call(rt.add_adapter, prepared)
         try:
             slot = await asyncio.wrap_future(job)
@@ -120,14 +120,14 @@ class LocalEngine(Engine):
         await asyncio.to_thread(self._scheduler.close)
 
 
-async def _on_own_thread(fn: Callable[..., T], *args: Any) -> T:
+async def on_own_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` on a thread of its own that then ends.
 
     On a CPU, a thread that has run a parallel torch op keeps an OpenMP team whose threads compete with the
     engine worker's for the same cores: decoding ran at half speed from then on (26 -> 13 tok/s, measured).
     The team ends with its thread; ``asyncio.to_thread``'s pooled threads live on.
     """
-    pool = ThreadPoolExecutor(1, thread_name_prefix="personabot-adapter")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="personabot-oneshot")
     try:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     finally:

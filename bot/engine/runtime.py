@@ -58,11 +58,10 @@ class Runtime:
 
     def add_adapter(self, adapter: PreparedAdapter) -> int:
         """Put the adapter's weights in a free slot; returns the slot requests name it by."""
-        slot = self.lora.add(adapter.weights)
-        self.prefixes.drop(slot)  # a reused slot: nothing cached under it may survive
-        return slot
+        return self.lora.add(adapter.weights)
 
     def delete_adapter(self, slot: int) -> None:
+        """Free the slot; its cached prefixes go with it, since a later adapter may reuse the slot."""
         self.lora.remove(slot)
         self.prefixes.drop(slot)
 
