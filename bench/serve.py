@@ -196,9 +196,14 @@ async def bench(args: argparse.Namespace) -> None:
     on_worker(plain.set_adapter, "a0")
     on_worker(plain.reply, manifests["a0"], PROMPTS[0], 4)
 
-    engine_1, plain_1 = [], []
+    graphs = rt.graphs  # CUDA only: the same engine with eager decode steps, alternating, shows what graphs add
+    engine_1, eager_1, plain_1 = [], [], []
     for _ in range(args.rounds):
         engine_1.append(await engine_reply(engine, "a0", PROMPTS[0], n))
+        if graphs is not None:
+            on_worker(setattr, rt, "graphs", None)
+            eager_1.append(await engine_reply(engine, "a0", PROMPTS[0], n))
+            on_worker(setattr, rt, "graphs", graphs)
         plain_1.append(on_worker(plain.reply, manifests["a0"], PROMPTS[0], n))
     same_text = agreement([r.text for r in engine_1 + plain_1])
 
@@ -252,6 +257,13 @@ async def bench(args: argparse.Namespace) -> None:
     print("|---|---|---|---|")
     print(f"| decode tok/s | {e_tps:.1f} | {p_tps:.1f} | {e_tps / p_tps:.2f}x |")
     print(f"| time to first token ms | {e_ttft:.0f} | {p_ttft:.0f} | {p_ttft / e_ttft:.2f}x |")
+    if graphs is None:
+        print("CUDA graphs: not used (no CUDA device)")
+    else:
+        g_tps = statistics.median(r.decode_tok_s(n) for r in eager_1)
+        state = "on" if graphs.enabled else "TURNED OFF after a failed capture or check (see the log above)"
+        print(f"CUDA graphs: {state}; the engine with eager decode steps: {g_tps:.1f} tok/s, so graphs give "
+              f"{e_tps / g_tps:.2f}x")
 
     tokens = CONVERSATIONS * n
     conc, serial, plain_tps = tokens / concurrent_s, tokens / engine_serial_s, tokens / plain_serial_s

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_batch: int | None = Field(None, gt=0)
     max_context: int | None = Field(None, gt=0)
     prefix_cache_mb: int = Field(1024, ge=0, description="local engine: finished replies' KV kept for reuse")
+    cuda_graphs: bool = Field(True, description="local engine: replay decode steps as CUDA graphs on a GPU")
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
     personas_file: Path = Path("personas.yaml")

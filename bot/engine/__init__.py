@@ -23,6 +23,7 @@ def create_engine(
     max_context: int | None = None,
     dtype: torch.dtype | None = None,
     prefix_cache_mb: int = 1024,
+    cuda_graphs: bool = True,
 ) -> Engine:
     """The engine the bot talks to. ``local``: the base model (default: the embedded SmolLM2) runs in
     this process. ``openai``: ``url`` (API root with ``/v1``) serves the adapters; ``base_model``, when
@@ -33,7 +34,7 @@ def create_engine(
         from .local import LocalEngine
 
         return LocalEngine(base_model or EMBEDDED_DEFAULT, quantization, dtype, max_batch, max_context,
-                           prefix_cache_mb)
+                           prefix_cache_mb, cuda_graphs)
     if kind == "openai":
         if not url:
             raise EngineError("engine 'openai' needs the server's url, e.g. http://127.0.0.1:8000/v1")

@@ -34,16 +34,31 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _room(old: torch.Tensor | None, like: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A buffer of ``capacity`` columns: ``old``'s first ``length``, then zeros (a captured step attends over
+    the unused columns, masked, and masking does not stop uninitialized NaN garbage from spreading: 0 x NaN)."""
+    grown = like.new_empty((*like.shape[:2], capacity, like.shape[-1]))
+    if length:
+        grown[:, :, :length] = old[:, :, :length]
+    grown[:, :, length:].zero_()
+    return grown
+
+
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` are views of buffers that grow ``GROW`` columns at a time.
 
     Assigning ``keys`` or ``values`` (as joins and leaves do) adopts the tensor as a full buffer; the next
     ``update`` reallocates it with spare room.
+
+    While ``write_at`` holds a one-element position tensor (a decode step being captured as a graph, see
+    ``graphs``), ``update`` writes there in place and returns the whole buffers: no shape depends on the
+    length, so the same kernels serve every step until the buffer is full.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
         self._lengths = {"keys": 0, "values": 0}
+        self.write_at: torch.Tensor | None = None
         super().__init__()
 
     keys = property(lambda self: self._view("keys"), lambda self, t: self._adopt("keys", t))
@@ -64,14 +79,15 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.write_at is not None:
+            for name, new in (("keys", key_states), ("values", value_states)):
+                self._buffers[name].index_copy_(2, self.write_at, new)
+            return self._buffers["keys"], self._buffers["values"]
         for name, new in (("keys", key_states), ("values", value_states)):
             buffer, start = self._buffers[name], self._lengths[name]
             end = start + new.shape[-2]
             if buffer is None or end > buffer.shape[-2]:
-                grown = new.new_empty((*new.shape[:2], end + GROW, new.shape[-1]))
-                if start:
-                    grown[:, :, :start] = buffer[:, :, :start]
-                self._buffers[name] = buffer = grown
+                self._buffers[name] = buffer = _room(buffer, new, start, end + GROW)
             buffer[:, :, start:end] = new
             self._lengths[name] = end
         return self.keys, self.values
@@ -79,6 +95,22 @@ class GrowingLayer(DynamicLayer):
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (the buffers keep their room)."""
         self._lengths = {name: min(n, length) for name, n in self._lengths.items()}
+
+    @property
+    def capacity(self) -> int:
+        """Columns the buffers hold, used or not."""
+        return self._buffers["keys"].shape[-2]
+
+    def make_room(self) -> None:
+        """Reallocate with ``GROW`` spare columns unless at least one is free."""
+        for name, buffer in self._buffers.items():
+            length = self._lengths[name]
+            if length == buffer.shape[-2]:
+                self._buffers[name] = _room(buffer, buffer, length, length + GROW)
+
+    def advance(self) -> None:
+        """Count the column a captured step wrote at ``write_at`` as used."""
+        self._lengths = {name: n + 1 for name, n in self._lengths.items()}
 
 
 class GrowingCache(DynamicCache):
@@ -156,6 +188,22 @@ class DecodeBatch:
             raise
         self.mask = mask
         return logits
+
+    def buffers(self) -> tuple[int, ...]:
+        """Where every layer's KV buffers are, and how large: a captured step stays valid while this holds."""
+        layers = self.cache.layers
+        return (self.size, layers[0].capacity, *(t.data_ptr() for layer in layers for t in layer._buffers.values()))
+
+    def make_room(self) -> None:
+        """At least one free column in every layer, for a step that writes in place."""
+        for layer in self.cache.layers:
+            layer.make_room()
+
+    def advance(self) -> None:
+        """Book the step a captured graph just ran: one more column, visible to every row."""
+        for layer in self.cache.layers:
+            layer.advance()
+        self.mask = F.pad(self.mask, (0, 1), value=1)
 
     def extend(self, other: DecodeBatch) -> None:
         """Append ``other``'s rows (pad whichever cache is shorter on the left)."""

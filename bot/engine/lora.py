@@ -44,6 +44,8 @@ class LoraSlots:
         self._used = {0}
         self._single: int | None = 0
         self._rows: torch.Tensor | None = None
+        self.version = 0
+        """Changes whenever a forward's LoRA work changes shape: a captured graph of the old one is stale."""
 
     @property
     def loaded(self) -> int:
@@ -75,11 +77,15 @@ class LoraSlots:
         self._used.discard(slot)
 
     @contextmanager
-    def route(self, slots: list[int]) -> Iterator[None]:
-        """Within this block, batch row i of every forward uses adapter slot ``slots[i]``."""
+    def route(self, slots: list[int], rows: torch.Tensor | None = None) -> Iterator[None]:
+        """Within this block, batch row i of every forward uses adapter slot ``slots[i]``.
+
+        ``rows``: ``slots`` as a tensor on the device, from a caller that keeps it (a captured graph reads
+        it at every replay)."""
         first = slots[0]
         self._single = first if all(s == first for s in slots) else None
-        self._rows = None if self._single is not None else torch.tensor(slots, device=self._device)
+        if self._single is None:
+            self._rows = rows if rows is not None else torch.tensor(slots, device=self._device)
         try:
             yield
         finally:
@@ -91,6 +97,7 @@ class LoraSlots:
                        self._device)
         module.register_forward_hook(lambda _m, args, out: self._apply(stack, args[0], out))
         self._stacks[path] = stack
+        self.version += 1
         return stack
 
     def _grow(self, capacity: int = 0, rank: int = 0) -> None:
@@ -103,6 +110,7 @@ class LoraSlots:
             stack.b = F.pad(stack.b, (0, add_rank, 0, 0, 0, add_slots))
         self._capacity += add_slots
         self._rank += add_rank
+        self.version += 1
 
     def _apply(self, stack: _Stack, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self._single == 0:

@@ -263,9 +263,8 @@ class Scheduler:
         self._remove([start + i for i in done], finished=True)
 
     def _decode(self) -> None:
-        forward = partial(self._runtime.forward, slots=[r.slot for r in self._rows])
         try:
-            logits = self._batch.step(forward, self._batch.rows["last"])
+            logits = self._runtime.decode(self._batch, [r.slot for r in self._rows], self._batch.rows["last"])
         except torch.OutOfMemoryError:
             if self._free_cached_memory():
                 return  # the step runs again next time round, with the memory the prefix cache held
