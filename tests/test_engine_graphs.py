@@ -213,18 +213,46 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_model_dir, bundles, monkeyp
         torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_engine_with_graphs_writes_what_it_writes_without(tiny_model_dir, bundles):
+async def _conversations(engine: LocalEngine, bundles: dict[str, Path]) -> list[str]:
+    """Three replies decoded together (rows leave at different steps), then the next turn of one of them,
+    which resumes from the prefix cache."""
     sampling = Sampling(temperature=0.0, repetition_penalty=1.3, max_new_tokens=40)
     hello = [{"role": "user", "content": "hello there, how are you today?"}]
+    for name in ("one", "two"):
+        await engine.load_adapter(name, bundles[name])
+    jobs = [("one", hello, sampling), ("two", hello, sampling.model_copy(update={"max_new_tokens": 9})),
+            ("one", hello[:0] + [{"role": "user", "content": "storm?"}], sampling)]
+    replies = await asyncio.gather(*[engine.complete(a, m, s) for a, m, s in jobs])
+    follow = hello + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "and then?"}]
+    return [*replies, await engine.complete("one", follow, sampling)]
 
+
+def test_engine_with_graph_steps_writes_what_it_writes_without(tiny_model_dir, bundles):
     async def replies(graphs: bool) -> list[str]:
-        engine = LocalEngine(str(tiny_model_dir), quantization="none", dtype=torch.float32, cuda_graphs=graphs)
-        for name in ("one", "two"):
-            await engine.load_adapter(name, bundles[name])
-        out = await asyncio.gather(*[engine.complete(a, hello, sampling) for a in ("one", "two", "one")])
-        await engine.close()
-        return out
+        engine = LocalEngine(str(tiny_model_dir), quantization="none", dtype=torch.float32, cuda_graphs=False)
+        rt = await engine._runtime()
+        if graphs:
+            rt.graphs = DecodeGraphs(rt.forward, lambda: rt.lora.version, Reruns())
+        try:
+            return await _conversations(engine, bundles)
+        finally:
+            await engine.close()
 
-    assert run(replies(True)) == run(replies(False))
+    eager = run(replies(False))
+    assert all(eager) and len(set(eager)) > 1
+    assert run(replies(True)) == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_with_cuda_graphs_writes_what_it_writes_without(tiny_model_dir, bundles):
+    async def replies(graphs: bool) -> tuple[list[str], bool]:
+        engine = LocalEngine(str(tiny_model_dir), quantization="none", dtype=torch.float32, cuda_graphs=graphs)
+        rt = await engine._runtime()
+        try:
+            return await _conversations(engine, bundles), rt.graphs is not None and rt.graphs.enabled
+        finally:
+            await engine.close()
+
+    (with_graphs, stayed_on), (without, _) = run(replies(True)), run(replies(False))
+    assert stayed_on and with_graphs == without
