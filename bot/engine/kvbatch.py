@@ -101,6 +101,10 @@ class GrowingLayer(DynamicLayer):
         """Columns the buffers hold, used or not."""
         return self._buffers["keys"].shape[-2]
 
+    def addresses(self) -> tuple[int, int]:
+        """Where the key and value buffers are (a reallocation moves them)."""
+        return self._buffers["keys"].data_ptr(), self._buffers["values"].data_ptr()
+
     def make_room(self) -> None:
         """Reallocate with ``GROW`` spare columns unless at least one is free."""
         for name, buffer in self._buffers.items():
@@ -192,7 +196,7 @@ class DecodeBatch:
     def buffers(self) -> tuple[int, ...]:
         """Where every layer's KV buffers are, and how large: a captured step stays valid while this holds."""
         layers = self.cache.layers
-        return (self.size, layers[0].capacity, *(t.data_ptr() for layer in layers for t in layer._buffers.values()))
+        return (self.size, layers[0].capacity, *(a for layer in layers for a in layer.addresses()))
 
     def make_room(self) -> None:
         """At least one free column in every layer, for a step that writes in place."""
