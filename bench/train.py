@@ -48,11 +48,11 @@ def examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
     return out
 
 
-def load_base(args: argparse.Namespace):
+def load_base(args: argparse.Namespace, attention: str):
     from finetune.model import compute_dtype, load_model, nf4_config, resolve
 
     if args.shape == "smollm2":
-        return load_model(resolve("smollm2"), args.quantization)
+        return load_model(resolve("smollm2"), args.quantization, attention=attention)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False)
@@ -61,7 +61,7 @@ def load_base(args: argparse.Namespace):
     if not (tmp / "config.json").is_file():
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
-    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs = {"dtype": dtype, "attn_implementation": attention}
     if args.quantization != "none":
         kwargs["quantization_config"] = nf4_config(dtype)
     if torch.cuda.is_available():
@@ -74,11 +74,14 @@ def run_variant(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from finetune.attention import VARLEN, packed_attention
     from finetune.config import load_config
     from finetune.dataset import make_collator
     from finetune.train import PersonaTrainer, add_lora, use_fused_kernels
 
-    model = load_base(args)
+    # our default: per-conversation (varlen) attention where it passes its check (--no-varlen-attention: off)
+    attention = packed_attention("auto" if args.varlen_attention else False) if args.variant == "personabot" else "sdpa"
+    model = load_base(args, attention)
     vocab = model.config.vocab_size
     data = examples(args.batch_size * (args.steps + 2), vocab)
     gc = args.gradient_checkpointing
@@ -94,7 +97,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     else:
         cfg = load_config(None, ["persona=bench", "output_dir=bench", f"train.gradient_checkpointing={gc}"])
         model = add_lora(model, cfg)
-        trainer_cls, collator = PersonaTrainer, make_collator(None, packing=True)
+        trainer_cls, collator = PersonaTrainer, make_collator(None, packing=True, boundaries=attention == VARLEN)
 
     marks: list[float] = []
 
@@ -123,7 +126,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": args.variant, "tokens_per_s": useful / seconds, "peak_gib": peak / 2**30,
-            "steps": args.steps, "useful_tokens": useful, "fused_kernels": targs.use_liger_kernel}
+            "steps": args.steps, "useful_tokens": useful, "fused_kernels": targs.use_liger_kernel,
+            "attention": attention}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -158,6 +162,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                         help="our variant without Liger's kernels (they are on by default with CUDA)")
+    parser.add_argument("--no-varlen-attention", dest="varlen_attention", action="store_false",
+                        help="our variant with SDPA's block mask instead of varlen attention (on by default with CUDA)")
     parser.add_argument("--variant", choices=["plain", "personabot"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -173,7 +179,7 @@ def main() -> None:
     print(f"# bench/train.py {args.shape} {args.quantization} batch {args.batch_size} x {args.steps} steps on {device}")
     for r in (plain, ours):
         print(f"{r['variant']:>10}: {r['tokens_per_s']:8.1f} useful tokens/s   peak {r['peak_gib']:.2f} GiB"
-              f"{'   (Liger kernels)' if r['fused_kernels'] else ''}")
+              f"   attention {r['attention']}{'   (Liger kernels)' if r['fused_kernels'] else ''}")
     print(f"     ratio: {ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x tokens/s, "
           f"{ours['peak_gib'] / plain['peak_gib']:.2f}x peak memory")
 

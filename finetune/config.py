@@ -42,6 +42,10 @@ class TrainSettings(_Strict):
     fused_kernels: bool | Literal["auto"] = Field(
         "auto", description="Liger kernels; auto = on with CUDA and liger-kernel (pip install 'personabot[gpu]')"
     )
+    varlen_attention: bool | Literal["auto"] = Field(
+        "auto", description="packed rows attend per conversation (torch varlen flash attention); auto = where it "
+        "runs and passes its check (CUDA)"
+    )
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)

@@ -158,10 +158,14 @@ def build_datasets(
     return train, (evals if len(evals) else None), stats
 
 
-def make_collator(tokenizer: Any, packing: bool):
-    """Padding-free packing (one row, position ids restart per conversation) or classic right padding."""
+def make_collator(tokenizer: Any, packing: bool, boundaries: bool = False):
+    """Padding-free packing (one row, position ids restart per conversation) or classic right padding.
+
+    ``boundaries``: packed rows also carry where each conversation starts (``cu_seq_lens_*``), for
+    variable-length attention (``finetune.attention``)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE,
+                                          return_flash_attn_kwargs=boundaries)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")

@@ -139,6 +139,7 @@ def load_model(
     quantization: Quantization = "auto",
     dtype: torch.dtype | None = None,
     device_map: str | dict | None = None,
+    attention: str = "sdpa",
 ):
     """Load the causal LM: NF4 + double quant + bf16 compute (QLoRA) when asked or 'auto' and possible."""
     from transformers import AutoModelForCausalLM
@@ -147,7 +148,7 @@ def load_model(
     use_4bit = quantization != "none" and bnb_available()
     if quantization == "nf4" and not use_4bit:
         raise ModelError("quantization 'nf4' needs a working bitsandbytes; set quantization: none to load in 16-bit")
-    kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attention}
     if device_map is None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if device_map is not None:

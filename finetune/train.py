@@ -14,6 +14,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .attention import VARLEN, packed_attention
 from .bundle import LoraInfo, Manifest, save_bundle
 from .config import TrainConfig
 from .conversation import DataError
@@ -186,12 +187,14 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
         stats.train_examples, stats.eval_examples, stats.tokens, stats.trained_tokens, stats.truncated,
     )
 
-    model = add_lora(load_model(ref, cfg.quantization), cfg)
+    attention = packed_attention(cfg.train.varlen_attention) if cfg.data.packing else "sdpa"
+    model = add_lora(load_model(ref, cfg.quantization, attention=attention), cfg)
     args = training_args(cfg, has_eval=eval_ds is not None)
     early = [EarlyStoppingCallback(cfg.train.early_stopping_patience)] if args.load_best_model_at_end else []
+    collator = make_collator(tokenizer, cfg.data.packing, boundaries=attention == VARLEN)
     trainer = PersonaTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=make_collator(tokenizer, cfg.data.packing), callbacks=[*early, *callbacks],
+        data_collator=collator, callbacks=[*early, *callbacks],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ThroughputProgress())
@@ -203,6 +206,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
         "train_loss": round(result.training_loss, 4),
         "quantization": getattr(model.base_model.model, "personabot_quantization", "none"),
         "fused_kernels": args.use_liger_kernel,
+        "attention": attention,
         "data": {k: v for k, v in asdict(stats).items() if k != "problems"},
         # enough to rebuild the same held-out split for `finetune eval`
         "persona": str(Path(cfg.persona).resolve()),
