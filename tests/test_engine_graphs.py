@@ -97,7 +97,7 @@ def test_graph_steps_match_eager_steps_and_recapture_when_stale(tiny_model_dir, 
 
     for step, (a, b) in enumerate(zip(eager, graphed)):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
-    assert rt.graphs.enabled and rt.graphs._checked
+    assert rt.graphs.enabled and rt.graphs.checked == {(2, "mixed"), (3, "mixed"), (1, "one")}
     assert {0, 3, 6, 8, 9} <= set(epochs), f"a join, leave or adapter load must start a new graph: {epochs}"
     assert len(captured) == len(epochs) < 12, "steps within an epoch replay its graph"
     assert epochs != sorted({0, 3, 6, 8, 9}), "a full KV buffer must start a new graph too"
@@ -184,8 +184,7 @@ def test_a_captured_step_never_reads_a_value_on_the_host(tiny_model_dir, slots):
             cache.layers.append(layer)
         return DecodeBatch(cache, torch.ones(2, 7, dtype=torch.long, device=meta), {})
 
-    graphs = DecodeGraphs(forward, lambda: lora.version, Reruns())
-    graphs._checked = True  # the check compares values on the host, once per process, outside capture
+    graphs = DecodeGraphs(forward, lambda: lora.version, Reruns(), check=False)  # the check reads on the host
     tokens = torch.zeros(2, dtype=torch.long, device=meta)
     with torch.inference_mode():
         b = batch()
@@ -207,7 +206,7 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_model_dir, bundles, monkeyp
     rt, slots = _runtime(tiny_model_dir, bundles, dtype)
     rt.graphs = DecodeGraphs(rt.forward, lambda: rt.lora.version, CudaGraphs())
     graphed, epochs = _scenario(rt, bundles, slots)
-    assert rt.graphs.enabled and rt.graphs._checked and len(epochs) < 12
+    assert rt.graphs.enabled and rt.graphs.checked == {(2, "mixed"), (3, "mixed"), (1, "one")} and len(epochs) < 12
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance)

@@ -12,9 +12,9 @@ slots), the same KV buffers, until a row joins or leaves, the buffers fill, or a
 the LoRA slots. Each epoch's first step runs eagerly in the same static form (it is the warm-up capture
 needs, and does the step's work), then the rest replay the graph captured right after it.
 
-The first graph of the process is checked against that eager step (writing the same column twice is
-harmless); a mismatch, or any error while capturing other than running out of memory, turns graphs off
-for good with a logged error, and decoding goes on eagerly.
+The first graph of each kind (batch size; no adapter, one, or several) is checked against that eager step
+(writing the same column twice is harmless); a mismatch, or any error while capturing other than running
+out of memory, turns graphs off for good with a logged error, and decoding goes on eagerly.
 """
 from __future__ import annotations
 
@@ -146,13 +146,18 @@ class _Epoch:
 class DecodeGraphs:
     """Decode steps for the scheduler: graph replays within an epoch, an eager static step to start one."""
 
-    def __init__(self, forward: StaticForward, version: Callable[[], Hashable], capturer: Capturer) -> None:
-        """``version``: changes whenever the forward's own tensors move (the LoRA slots grow)."""
+    def __init__(
+        self, forward: StaticForward, version: Callable[[], Hashable], capturer: Capturer, check: bool = True
+    ) -> None:
+        """``version``: changes whenever the forward's own tensors move (the LoRA slots grow). ``check``:
+        compare the first graph of each kind with its eager step (reads values on the host)."""
         self.enabled = True
+        self.checked: set[tuple[int, str]] = set()
+        """Kinds of graph, (batch size, 'none' | 'one' | 'mixed' adapters), that passed the check."""
         self._forward = forward
         self._version = version
         self._capturer = capturer
-        self._checked = False
+        self._check_new_kinds = check
         self._epoch: _Epoch | None = None
 
     def step(self, batch: DecodeBatch, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -179,8 +184,11 @@ class DecodeGraphs:
         logits = self._capturer.run(partial(epoch.run, batch))
         try:
             epoch.graph = self._capturer.capture(partial(epoch.run, batch))
-            if not self._checked:
+            distinct = set(slots)  # the LoRA hooks take a different path for each
+            kind = (batch.size, "none" if distinct == {0} else "one" if len(distinct) == 1 else "mixed")
+            if self._check_new_kinds and kind not in self.checked:
                 self._check(epoch, batch, logits)
+                self.checked.add(kind)
         except torch.OutOfMemoryError:
             log.warning("out of memory capturing a decode graph; steps run eagerly until the batch changes")
             epoch.graph = None
@@ -200,4 +208,3 @@ class DecodeGraphs:
         if not error <= 0.02 * scale + 1e-3:
             self._capturer.run(partial(epoch.run, batch))  # put back the column the graph may have written wrong
             raise RuntimeError(f"graph replay differs from the eager step: max error {error:.3g} (scale {scale:.3g})")
-        self._checked = True
