@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from bot.engine import kvbatch
 from bot.engine.adapters import prepare_adapter
@@ -151,10 +153,26 @@ def test_a_failing_capture_keeps_the_step_and_decodes_eagerly(tiny_model_dir, bu
             assert len(attempts) == 2
 
 
+class _OnDevice(TorchDispatchMode):
+    """Notes every op that touches a tensor off ``device`` (0-dim host scalars are kernel arguments: allowed)."""
+
+    def __init__(self, device: torch.device, strays: list[str]) -> None:
+        super().__init__()
+        self.device, self.strays = device, strays
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and t.device != self.device and t.dim() > 0:
+                self.strays.append(str(func))
+        return out
+
+
 @pytest.mark.parametrize("slots", [[1, 2], [1, 1]], ids=["mixed", "single"])
 def test_a_captured_step_never_reads_a_value_on_the_host(tiny_model_dir, slots):
     """CUDA capture fails on any host sync (``.item()``, ``bool(t)``, data-dependent shapes). On the meta
-    device those raise too, so the whole static step runs there; the eager step does sync (its mask)."""
+    device those raise too, so the whole static step runs there; the eager step does sync (its mask). And
+    no tensor of the step may come from the host (a copy in the middle of a capture is not allowed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     meta = torch.device("meta")
@@ -184,13 +202,26 @@ def test_a_captured_step_never_reads_a_value_on_the_host(tiny_model_dir, slots):
             cache.layers.append(layer)
         return DecodeBatch(cache, torch.ones(2, 7, dtype=torch.long, device=meta), {})
 
-    graphs = DecodeGraphs(forward, lambda: lora.version, Reruns(), check=False)  # the check reads on the host
+    strays: list[str] = []
+
+    class Watched(Reruns):  # the recorded step, run and replayed with every op's tensors watched
+        def run(self, fn):
+            with _OnDevice(meta, strays):
+                return fn()
+
+        def capture(self, fn):
+            return super().capture(partial(self.run, fn))
+
+    graphs = DecodeGraphs(forward, lambda: lora.version, Watched(), check=False)  # the check reads on the host
     tokens = torch.zeros(2, dtype=torch.long, device=meta)
     with torch.inference_mode():
         b = batch()
         for _ in range(3):
             assert graphs.step(b, slots, tokens).shape == (2, config.vocab_size)
-        assert b.length == 10
+        assert b.length == 10 and strays == []
+        with _OnDevice(meta, strays):
+            torch.tensor([1, 2]).to(meta)
+        assert strays, "the watch sees a tensor coming from the host"
         with pytest.raises(RuntimeError, match="meta"):
             batch().step(partial(forward, slots=slots), tokens)
 
