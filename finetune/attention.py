@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from .conversation import DataError
 
@@ -57,8 +60,6 @@ def torch_varlen() -> Kernel | None:
 
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: packed rows through ``kernel``, anything else through SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     cu = kwargs.get("cu_seq_lens_q")
     if kernel is None or cu is None or query.shape[0] != 1 or (module.training and dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -70,9 +71,6 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 
 def register() -> None:
     """Make ``attn_implementation=VARLEN`` loadable (masks, where still needed, are SDPA's)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 

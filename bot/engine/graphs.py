@@ -162,9 +162,8 @@ class DecodeGraphs:
 
     def step(self, batch: DecodeBatch, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its latest token [B]; returns logits [B, V] for the token after it."""
-        key = (tuple(slots), self._version(), batch.buffers())
         epoch = self._epoch
-        if epoch is None or epoch.key != key or batch.length >= epoch.capacity:
+        if epoch is None or epoch.key != self._key(batch, slots) or batch.length >= epoch.capacity:
             return self._begin(batch, slots, tokens)
         epoch.load(batch, tokens)
         if epoch.graph is None:  # no memory was left to capture it: this epoch runs eagerly
@@ -178,8 +177,7 @@ class DecodeGraphs:
         self._epoch = None  # the old graph's memory goes back to the pool first
         batch.make_room()
         rows = torch.tensor(slots, device=batch.mask.device)  # the LoRA gather reads it at every replay
-        epoch = _Epoch(batch, partial(self._forward, slots=slots, rows=rows),
-                       (tuple(slots), self._version(), batch.buffers()))
+        epoch = _Epoch(batch, partial(self._forward, slots=slots, rows=rows), self._key(batch, slots))
         epoch.load(batch, tokens)
         logits = self._capturer.run(partial(epoch.run, batch))
         try:
@@ -199,6 +197,10 @@ class DecodeGraphs:
         batch.advance()
         self._epoch = epoch
         return logits
+
+    def _key(self, batch: DecodeBatch, slots: list[int]) -> Hashable:
+        """Everything a graph bakes in: the rows' slots, the LoRA layout, the KV buffers."""
+        return tuple(slots), self._version(), batch.buffers()
 
     def _check(self, epoch: _Epoch, batch: DecodeBatch, eager: torch.Tensor) -> None:
         """Replay the step just run eagerly (rewriting the same KV column) and compare the logits."""
