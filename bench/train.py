@@ -49,24 +49,20 @@ def examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
 
 
 def load_base(args: argparse.Namespace, attention: str):
-    from finetune.model import compute_dtype, load_model, nf4_config, resolve
+    """The base both variants train, loaded as ``finetune`` loads it (the random-shape one written once)."""
+    from finetune.model import compute_dtype, load_model, resolve
 
-    if args.shape == "smollm2":
-        return load_model(resolve("smollm2"), args.quantization, attention=attention)
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    spec = "smollm2"
+    if args.shape != "smollm2":
+        from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False)
-    dtype = compute_dtype()
-    tmp = Path(os.environ.get("BENCH_CACHE", "/tmp/personabot-bench")) / args.shape
-    if not (tmp / "config.json").is_file():
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
-    kwargs = {"dtype": dtype, "attn_implementation": attention}
-    if args.quantization != "none":
-        kwargs["quantization_config"] = nf4_config(dtype)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
-    return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+        config = LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False)
+        tmp = Path(os.environ.get("BENCH_CACHE", "/tmp/personabot-bench")) / args.shape
+        if not (tmp / "config.json").is_file():
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                AutoModelForCausalLM.from_config(config, dtype=compute_dtype()).save_pretrained(tmp)
+        spec = str(tmp)
+    return load_model(resolve(spec), args.quantization, attention=attention)
 
 
 def run_variant(args: argparse.Namespace) -> dict:
