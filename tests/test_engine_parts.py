@@ -7,7 +7,7 @@ import torch
 from bot.engine import EngineError
 from bot.engine.context import fit_messages, prompt_budget
 from bot.engine.kvbatch import GROW, DecodeBatch, GrowingLayer
-from bot.engine.sampling import next_tokens
+from bot.engine.sampling import next_tokens, row_params
 from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
 from finetune.bundle import LoraInfo, Manifest
 from finetune.persona import Sampling
@@ -66,32 +66,53 @@ def test_reply_text_cuts_at_a_stop_spanning_tokens(tiny_tokenizer):
     assert "".join(out) + text.flush() == "the tide "
 
 
-def _rows(**over) -> dict[str, torch.Tensor]:
-    rows = {"temperature": torch.tensor([0.0, 0.0]), "top_p": torch.tensor([1.0, 1.0]),
-            "top_k": torch.tensor([0, 0]), "penalty": torch.tensor([1.0, 1.0]),
-            "seen": torch.zeros(2, 5, dtype=torch.bool)}
-    return rows | over
+def _draw(logits: torch.Tensor, *settings: Sampling, seen: torch.Tensor | None = None) -> list[int]:
+    """Sample one token per row, each row with its own settings, as the scheduler does."""
+    params = [row_params(s, logits.device) for s in settings]
+    rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+    rows["seen"] = torch.zeros(logits.shape, dtype=torch.bool) if seen is None else seen
+    return next_tokens(logits, rows, settings).tolist()
+
+
+GREEDY = Sampling(temperature=0, top_k=0, top_p=1, repetition_penalty=1)
 
 
 def test_sampling_greedy_penalty_top_k_and_top_p():
     logits = torch.tensor([[1.0, 3.0, 2.9, -1.0, 0.0], [5.0, 1.0, 0.0, 0.0, 0.0]])
-    assert next_tokens(logits, _rows()).tolist() == [1, 0]
+    assert _draw(logits, GREEDY, GREEDY) == [1, 0]
     seen = torch.zeros(2, 5, dtype=torch.bool)
     seen[0, 1] = True
-    assert next_tokens(logits, _rows(seen=seen, penalty=torch.tensor([1.2, 1.0]))).tolist() == [2, 0]
-    hot = torch.tensor([5.0, 5.0])
+    penalized = GREEDY.model_copy(update={"repetition_penalty": 1.2})
+    assert _draw(logits, penalized, GREEDY, seen=seen) == [2, 0]
+    hot = GREEDY.model_copy(update={"temperature": 5.0})
+    top_1 = hot.model_copy(update={"top_k": 1})
+    tiny_p = hot.model_copy(update={"top_p": 0.01})
     for _ in range(20):  # top_k 1 and a tiny top_p leave only the best token, whatever the temperature
-        assert next_tokens(logits, _rows(temperature=hot, top_k=torch.tensor([1, 1]))).tolist() == [1, 0]
-        assert next_tokens(logits, _rows(temperature=hot, top_p=torch.tensor([0.01, 0.01]))).tolist() == [1, 0]
+        assert _draw(logits, top_1, top_1) == [1, 0]
+        assert _draw(logits, tiny_p, tiny_p) == [1, 0]
+        assert _draw(logits, top_1, tiny_p) == [1, 0]  # one row's top-k, the other's whole vocabulary
 
 
 def test_sampling_mixes_greedy_and_sampled_rows():
     torch.manual_seed(0)
     logits = torch.zeros(2, 5)
     logits[:, 3] = 0.5
-    rows = _rows(temperature=torch.tensor([0.0, 1.0]))
-    picks = {tuple(next_tokens(logits, rows).tolist()) for _ in range(50)}
-    assert {p[0] for p in picks} == {3} and len({p[1] for p in picks}) > 2
+    for sampled in (GREEDY.model_copy(update={"temperature": 1.0}), Sampling(temperature=1.0, top_k=4, top_p=1)):
+        picks = {tuple(_draw(logits, GREEDY, sampled)) for _ in range(50)}
+        assert {p[0] for p in picks} == {3} and len({p[1] for p in picks}) > 2
+
+
+@pytest.mark.parametrize("settings", [(GREEDY,), (Sampling(), GREEDY), (Sampling(top_k=0), Sampling())])
+def test_sampling_never_reads_a_value_back_from_the_device(settings):
+    """On the meta device any read of a tensor's value raises, as it would stall a GPU mid-step."""
+    meta = torch.device("meta")
+    params = [row_params(s, meta) for s in settings]
+    rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+    rows["seen"] = torch.empty(len(settings), 50, dtype=torch.bool, device=meta)
+    logits = torch.empty(len(settings), 50, device=meta)
+    assert next_tokens(logits, rows, settings).shape == (len(settings),)
+    with pytest.raises(RuntimeError, match="meta"):  # the check itself can fail: a value read does raise
+        bool((rows["temperature"] == 0).all())
 
 
 def _manifest(tiny_tokenizer) -> Manifest:

@@ -1,6 +1,8 @@
 """Pick each row's next token with its own persona's sampling settings, for the whole batch at once."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from finetune.persona import Sampling
@@ -23,26 +25,29 @@ def seen_tokens(prompt: list[int], vocab: int, device: torch.device) -> torch.Te
     return seen
 
 
-def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor], settings: Sequence[Sampling]) -> torch.Tensor:
     """[B] next token ids from [B, V] float logits; the same order of steps as ``transformers.generate``.
 
     Repetition penalty (divide positive / multiply negative logits of seen tokens), then per row either
-    greedy (temperature 0) or temperature, top-k (0 = off), top-p and a multinomial draw.
+    greedy (temperature 0) or temperature, top-k (0 = off), top-p and a multinomial draw. ``rows`` holds the
+    settings as tensors (``row_params``), ``settings`` the same rows on the host: the branches are decided
+    from those, since reading a value back from the GPU would wait for the step there to finish.
     """
     penalty = rows["penalty"][:, None]
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     logits = torch.where(rows["seen"], penalized, logits)
     greedy = logits.argmax(dim=-1)
     temperature = rows["temperature"]
-    if bool((temperature == 0).all()):
+    sampled_rows = [s for s in settings if s.temperature > 0]
+    if not sampled_rows:
         return greedy
 
     scaled = logits / temperature.clamp(min=1e-5)[:, None]
     top_k = rows["top_k"][:, None]
-    if bool(((top_k[:, 0] == 0) & (temperature > 0)).any()):  # some row samples from the whole vocabulary
+    if any(s.top_k == 0 for s in sampled_rows):  # some row samples from the whole vocabulary
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
     else:  # only the best k can win: no need to sort the whole vocabulary
-        sorted_logits, order = scaled.topk(min(int(top_k.max()), logits.shape[-1]), dim=-1)
+        sorted_logits, order = scaled.topk(min(max(s.top_k for s in settings), logits.shape[-1]), dim=-1)
     rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)

@@ -250,7 +250,7 @@ class Scheduler:
             batch, logits = DecodeBatch.resume(forward, group[0].prompt, *hit, rows, rt.device)
         vocab = logits.shape[-1]
         batch.rows["seen"] = torch.cat([seen_tokens(r.prompt, vocab, rt.device) for r in group])
-        tokens = self._sample(batch, logits)
+        tokens = self._sample(batch, logits, group)
         if self._batch is None:
             self._batch, self._rows = batch, []
         else:
@@ -274,7 +274,7 @@ class Scheduler:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return
-        done = self._accept(self._rows, self._sample(self._batch, logits))
+        done = self._accept(self._rows, self._sample(self._batch, logits, self._rows))
         self._remove(done, finished=True)
 
     def _free_cached_memory(self) -> bool:
@@ -286,8 +286,8 @@ class Scheduler:
             torch.cuda.empty_cache()
         return True
 
-    def _sample(self, batch: DecodeBatch, logits: torch.Tensor) -> list[int]:
-        tokens = next_tokens(logits, batch.rows)
+    def _sample(self, batch: DecodeBatch, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        tokens = next_tokens(logits, batch.rows, [r.sampling for r in requests])
         batch.rows["last"] = tokens
         batch.rows["seen"].scatter_(1, tokens[:, None], True)
         return tokens.tolist()
