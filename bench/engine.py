@@ -34,9 +34,11 @@ from finetune.persona import Sampling  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SHAPES = {  # Llama-3.1-8B without the weights; vocabulary and template come from --base-model's tokenizer
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+SHAPES = {  # Llama-3.1-8B without the weights; the template and the prompts' ids come from --base-model's
+    # tokenizer, the ids past its end are never typed but weigh in the embeddings and output layer as in Llama
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                     rope_theta=500000.0),
 }
 PROMPTS = [
     "tell me about the sea, and the storms you have seen out there",
@@ -54,9 +56,9 @@ def random_base(shape: str, tokenizer_spec: str, dtype: torch.dtype, root: Path)
     if (out / "config.json").is_file():
         return str(out)
     tokenizer = load_tokenizer(resolve(tokenizer_spec))
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False, **SHAPES[shape])
+    shape_config = SHAPES[shape] | {"vocab_size": max(len(tokenizer), SHAPES[shape]["vocab_size"])}
+    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **shape_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

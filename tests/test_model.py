@@ -1,6 +1,8 @@
 """Base model specs, the 16-bit fallback, chat and export of a bundle."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -75,3 +77,13 @@ def test_terminal_chat_streams_and_keeps_history(tiny_bundle):
     assert result.output.count("Brine>") == 2
     assert "(conversation forgotten)" in result.output
     assert "Arr," in result.output
+
+
+def test_bitsandbytes_warning_about_its_hub_kernel_is_silenced_and_its_other_warnings_are_not(caplog):
+    """bitsandbytes falls back to its own CPU kernel when it cannot fetch one from the hub; nothing to warn of."""
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger bitsandbytes 0.50 warns on
+    with caplog.at_level(logging.WARNING):
+        bnb_log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                        "already `pip install kernels`", "No module named 'kernels'")
+        bnb_log.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
