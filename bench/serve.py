@@ -170,7 +170,11 @@ async def bench(args: argparse.Namespace) -> None:
                                            for i in range(CONVERSATIONS)])
     n = args.new_tokens
 
-    engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS)
+    # The plain side is built first: with fused kernels on, the engine has Liger swap Llama's RMSNorm and MLP
+    # classes, and its RoPE function, process-wide; models built before keep Hugging Face's own modules.
+    plain = await on_own_thread(Plain, base, args.quantization, dtype)
+    engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS,
+                         fused_kernels=args.fused_kernels)
     rt = await engine._runtime()
     rt.stop_ids = frozenset()  # end-of-sequence ignored: every reply is exactly n tokens
     rt.prefixes = PrefixCache(0)  # sections 1-3: every prompt is prefilled in full, as plain generate does
@@ -180,7 +184,6 @@ async def bench(args: argparse.Namespace) -> None:
     def on_worker(fn: Any, *fn_args: Any) -> Any:
         return engine._scheduler.call(fn, *fn_args).result()
 
-    plain = on_worker(Plain, base, args.quantization, dtype)
 
     # Adapter loads, disk -> serving. The first is left out of the mean: peft's first wraps the base model.
     engine_load, plain_load, manifests = [], [], {}
@@ -264,6 +267,11 @@ async def bench(args: argparse.Namespace) -> None:
         state = "on" if graphs.enabled else "TURNED OFF after a failed capture or check (see the log above)"
         print(f"CUDA graphs: {state}; the engine with eager decode steps: {g_tps:.1f} tok/s, so graphs give "
               f"{e_tps / g_tps:.2f}x")
+    if rt.fused_kernels:
+        print("Fused kernels (Liger RMSNorm, SwiGLU, RoPE): on in the engine; plain generate shares only Liger's "
+              "RoPE, which Liger sets process-wide")
+    else:
+        print("Fused kernels: off" + (" (--no-fused-kernels)" if args.fused_kernels is False else ""))
 
     tokens = CONVERSATIONS * n
     conc, serial, plain_tps = tokens / concurrent_s, tokens / engine_serial_s, tokens / plain_serial_s
@@ -302,6 +310,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="batch-1 rounds per side")
     parser.add_argument("--history-turns", type=int, default=12, help="exchanges before the timed next turn")
     parser.add_argument("--quick", action="store_true", help="32 new tokens per reply, 2 rounds (CPU)")
+    parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false", default="auto",
+                        help="the engine without Liger's kernels (on by default with CUDA and liger-kernel)")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.rounds = 32, 2

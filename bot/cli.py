@@ -64,6 +64,7 @@ def engine_factory(settings: Settings):
         if settings.engine == "local":
             options["prefix_cache_mb"] = settings.prefix_cache_mb
             options["cuda_graphs"] = settings.cuda_graphs
+            options["fused_kernels"] = settings.fused_kernels
         return create_engine(
             settings.engine, base_model=settings.base_model, url=settings.openai_base_url,
             api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,

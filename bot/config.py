@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_context: int | None = Field(None, gt=0)
     prefix_cache_mb: int = Field(1024, ge=0, description="local engine: finished replies' KV kept for reuse")
     cuda_graphs: bool = Field(True, description="local engine: replay decode steps as CUDA graphs on a GPU")
+    fused_kernels: bool | Literal["auto"] = Field(
+        "auto", description="local engine: Liger's fused kernels; auto = on a GPU with liger-kernel installed"
+    )
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
     personas_file: Path = Path("personas.yaml")

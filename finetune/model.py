@@ -120,6 +120,15 @@ def bnb_available() -> bool:
     return True
 
 
+def liger_unavailable() -> str | None:
+    """Why Liger's fused Triton kernels cannot run here (a phrase for error messages), or None when they can."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "needs liger-kernel: pip install 'personabot[gpu]'"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (Liger's kernels are Triton GPU kernels)"
+    return None
+
+
 def compute_dtype() -> torch.dtype:
     """bf16 where the hardware supports it (Ampere+ GPUs, modern CPUs), else fp32."""
     if torch.cuda.is_available():

@@ -1,7 +1,6 @@
 """The training recipe: persona data -> tokenized splits -> (Q)LoRA on the base -> Trainer -> adapter bundle."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import time
@@ -19,7 +18,7 @@ from .bundle import LoraInfo, Manifest, save_bundle
 from .config import TrainConfig
 from .conversation import DataError
 from .dataset import IGNORE, build_datasets, make_collator
-from .model import compute_dtype, fingerprint, load_model, load_tokenizer, resolve
+from .model import compute_dtype, fingerprint, liger_unavailable, load_model, load_tokenizer, resolve
 from .persona import load_persona
 
 log = logging.getLogger(__name__)
@@ -87,13 +86,11 @@ def use_fused_kernels(setting: bool | Literal["auto"]) -> bool:
     They save activation and logits memory and kernel launches on a GPU; 'auto' turns them on where they
     run: CUDA with liger-kernel installed.
     """
-    installed = importlib.util.find_spec("liger_kernel") is not None
+    why_not = liger_unavailable()
     if setting == "auto":
-        return installed and torch.cuda.is_available()
-    if setting and not installed:
-        raise DataError("train.fused_kernels: true needs liger-kernel: pip install 'personabot[gpu]'")
-    if setting and not torch.cuda.is_available():
-        raise DataError("train.fused_kernels: true needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
+        return why_not is None
+    if setting and why_not:
+        raise DataError(f"train.fused_kernels: true {why_not}")
     return bool(setting)
 
 

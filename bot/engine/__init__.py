@@ -24,6 +24,7 @@ def create_engine(
     dtype: torch.dtype | None = None,
     prefix_cache_mb: int = 1024,
     cuda_graphs: bool = True,
+    fused_kernels: bool | Literal["auto"] = "auto",
 ) -> Engine:
     """The engine the bot talks to. ``local``: the base model (default: the embedded SmolLM2) runs in
     this process. ``openai``: ``url`` (API root with ``/v1``) serves the adapters; ``base_model``, when
@@ -34,7 +35,7 @@ def create_engine(
         from .local import LocalEngine
 
         return LocalEngine(base_model or EMBEDDED_DEFAULT, quantization, dtype, max_batch, max_context,
-                           prefix_cache_mb, cuda_graphs)
+                           prefix_cache_mb, cuda_graphs, fused_kernels)
     if kind == "openai":
         if not url:
             raise EngineError("engine 'openai' needs the server's url, e.g. http://127.0.0.1:8000/v1")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -51,18 +51,20 @@ class LocalEngine(Engine):
         max_context: int | None = None,
         prefix_cache_mb: int = 1024,
         cuda_graphs: bool = True,
+        fused_kernels: bool | Literal["auto"] = "auto",
     ) -> None:
         """``max_batch``: requests decoded together (more wait for a slot). ``max_context``: prompt + reply
         tokens per request; default and upper bound: the model's ``max_position_embeddings``.
         ``prefix_cache_mb``: memory for finished replies' KV, reused by prompts that continue them (0: off).
-        ``cuda_graphs``: on a CUDA device, replay decode steps as CUDA graphs (see ``graphs``)."""
+        ``cuda_graphs``: on a CUDA device, replay decode steps as CUDA graphs (see ``graphs``).
+        ``fused_kernels``: Liger's fused kernels in the model ('auto': on a CUDA device when installed; see ``fused``)."""
         self._base_model = base_model
         self._max_context = max_context
         super().__init__()
         self._adapters: dict[str, _Loaded] = {}
         cache_bytes = prefix_cache_mb * 2**20
         self._scheduler = Scheduler(
-            lambda: Runtime.load(base_model, quantization, dtype, cache_bytes, cuda_graphs), max_batch)
+            lambda: Runtime.load(base_model, quantization, dtype, cache_bytes, cuda_graphs, fused_kernels), max_batch)
 
     @property
     def active_requests(self) -> int:

@@ -1,0 +1,104 @@
+"""Fused kernels in the served model: kept only when the logits stay the same, otherwise undone exactly.
+
+Liger's kernels need a CUDA GPU, so on a CPU stand-in patches do what Liger's does to a Llama: bind a new
+``forward`` on module instances and rebind a function of the modeling file for the whole process.
+"""
+from __future__ import annotations
+
+from types import MethodType
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+from bot.engine import EngineError
+from bot.engine.fused import apply_checked, fuse
+from bot.engine.runtime import Runtime
+from finetune.model import load_model, resolve
+
+
+@pytest.fixture
+def model(tiny_model_dir, monkeypatch):
+    # a patch that is kept rebinds this for the whole process: put the original back after each test
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    return load_model(resolve(str(tiny_model_dir)), "none", torch.float32).eval()
+
+
+IDS = torch.tensor([[3, 7, 11, 19, 23, 5]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+def rms_norm(self, x: torch.Tensor) -> torch.Tensor:
+    """The same computation as Llama's RMSNorm, written another way."""
+    x32 = x.float()
+    return self.weight * (x32 / (x32.square().mean(-1, keepdim=True) + self.variance_epsilon).sqrt()).to(x.dtype)
+
+
+def norms(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+
+
+def faithful(model) -> None:
+    rope = modeling_llama.apply_rotary_pos_emb
+    for norm in norms(model):
+        norm.forward = MethodType(rms_norm, norm)
+    modeling_llama.apply_rotary_pos_emb = lambda q, k, cos, sin, unsqueeze_dim=1: rope(q, k, cos, sin, unsqueeze_dim)
+
+
+def wrong(model) -> None:
+    faithful(model)
+    norms(model)[1].forward = MethodType(lambda self, x: 2 * rms_norm(self, x), norms(model)[1])
+
+
+def failing(model) -> None:
+    faithful(model)
+    norms(model)[-1].forward = MethodType(lambda self, x: torch.ops.aten.nonexistent_op(x), norms(model)[-1])
+
+
+def test_a_patch_that_keeps_the_logits_is_kept(model):
+    before = logits(model)
+    original_rope = modeling_llama.apply_rotary_pos_emb
+    assert apply_checked(model, faithful) is None
+    assert all("forward" in vars(norm) for norm in norms(model))
+    assert modeling_llama.apply_rotary_pos_emb is not original_rope
+    torch.testing.assert_close(logits(model), before)
+
+
+@pytest.mark.parametrize("patch, why", [(wrong, "change the logits by"), (failing, "the fused kernels failed")])
+def test_a_patch_that_changes_the_logits_or_fails_is_undone_exactly(model, patch, why):
+    before = logits(model)
+    instance_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
+    original_rope = modeling_llama.apply_rotary_pos_emb
+    assert why in apply_checked(model, patch)
+    assert modeling_llama.apply_rotary_pos_emb is original_rope
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == instance_attrs
+    assert torch.equal(logits(model), before)
+
+
+def test_a_patch_that_changes_nothing_says_so(model):
+    assert apply_checked(model, lambda m: None) == "there are no fused kernels for model type 'llama'"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA does")
+def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear_error(model):
+    instance_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
+    assert fuse(model, "auto") is False and fuse(model, False) is False
+    with pytest.raises(EngineError, match="FUSED_KERNELS=true needs"):
+        fuse(model, True)
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == instance_attrs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_liger_kernels_pass_their_check_in_the_served_model(tiny_model_dir, monkeypatch, dtype):
+    pytest.importorskip("liger_kernel")
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger rebinds these process-wide
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    runtime = Runtime.load(str(tiny_model_dir), "none", dtype, fused_kernels=True)
+    assert runtime.fused_kernels
+    assert any(type(m).__name__ == "LlamaRMSNorm" and "forward" in vars(m) for m in runtime.model.modules())
