@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import discord
@@ -261,3 +263,18 @@ def test_tokens_come_from_the_environment_or_dotenv(tmp_path, monkeypatch):
     assert settings.owner_ids == [1, 2]
     monkeypatch.setenv("BRINE_TOKEN", "from-env")
     assert persona_token(brine, settings) == "from-env"
+
+
+def test_env_example_documents_every_setting():
+    """Every setting is an environment variable; .env.example shows each one under a comment (a group of
+    related keys may share one)."""
+    lines = (Path(__file__).parents[1] / ".env.example").read_text(encoding="utf-8").splitlines()
+    keys = {i: line.split("=", 1)[0] for i, line in enumerate(lines) if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", line)}
+    shown = {key: i for i, key in keys.items()}
+    for field in Settings.model_fields:
+        key = field.upper()
+        assert key in shown, f"{key} is missing from .env.example"
+        above = shown[key] - 1
+        while above in keys:
+            above -= 1
+        assert lines[above].startswith("# "), f"{key} in .env.example has no comment above it"
