@@ -23,6 +23,7 @@ Measured:
    with the cache off. Sections 1-3 run with the cache off, so repeated prompts gain nothing from it.
 
 CPU (SmolLM2-135M, 64 new tokens per reply, about 3 minutes):  python bench/serve.py --dtype bf16
+(``--profile`` adds where a batch-1 reply's time goes, op by op, and on a GPU the kernels per token.)
 GPU, 8B-shaped random model (tokenizer and chat template from SmolLM2):
     python bench/serve.py --random-shape llama-8b --dtype bf16 --quantization none
     python bench/serve.py --random-shape llama-8b --dtype bf16 --quantization nf4
@@ -82,6 +83,27 @@ async def engine_reply(engine: LocalEngine, adapter: str, prompt: str | list[dic
         first = first or time.perf_counter() - start
         pieces.append(piece)
     return Reply(first or 0.0, time.perf_counter() - start, "".join(pieces))
+
+
+async def profile_decode(engine: LocalEngine, rt: Any, on_worker: Any, tokens: int) -> str:
+    """Where a batch-1 reply's time goes, op by op: one reply with eager decode steps (a graph replay would
+    hide its kernels' names) under ``torch.profiler``, started and stopped on the engine's worker thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+    graphs = rt.graphs
+    on_worker(setattr, rt, "graphs", None)
+    on_worker(prof.start)
+    await engine_reply(engine, "a0", PROMPTS[0], tokens)
+    on_worker(prof.stop)
+    on_worker(setattr, rt, "graphs", graphs)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=25)
+    if cuda:
+        kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+        table += f"\n{kernels / tokens:.0f} GPU kernels per token (the prompt's included)"
+    return table
 
 
 class FirstToken:
@@ -240,6 +262,7 @@ async def bench(args: argparse.Namespace) -> None:
         follow_plain.append(on_worker(plain.reply, manifests["a1"], follow, 2))
         history_tokens = len(encode_prompt(plain.tokenizer, manifests["a1"].system_prompt, follow,
                                            manifests["a1"].chat_template))
+    profile_table = await profile_decode(engine, rt, on_worker, n) if args.profile else None
     await engine.close()
 
     quantization = getattr(rt.model, "personabot_quantization", args.quantization)
@@ -300,6 +323,8 @@ async def bench(args: argparse.Namespace) -> None:
           f"| set_adapter {1000 * statistics.mean(switch_s):.3f} ms (mean of {SWITCHES}) | - |")
     print(f"| load from disk | {e_load:.1f} ms ({1000 * max(engine_load):.1f}) "
           f"| {p_load:.1f} ms ({1000 * max(plain_load):.1f}) | {p_load / e_load:.1f}x |")
+    if profile_table:
+        print(f"\nOne batch-1 reply of {n} tokens with eager decode steps, by op (--profile):\n{profile_table}")
 
 
 def main() -> None:
@@ -310,6 +335,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="batch-1 rounds per side")
     parser.add_argument("--history-turns", type=int, default=12, help="exchanges before the timed next turn")
     parser.add_argument("--quick", action="store_true", help="32 new tokens per reply, 2 rounds (CPU)")
+    parser.add_argument("--profile", action="store_true", help="also print where a batch-1 reply's time goes")
     parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false", default="auto",
                         help="the engine without Liger's kernels (on by default with CUDA and liger-kernel)")
     args = parser.parse_args()
