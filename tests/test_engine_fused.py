@@ -12,9 +12,9 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from bot.engine import EngineError
-from bot.engine.fused import apply_checked, fuse
+from bot.engine.fused import CHECK_TEXT, apply_checked, fuse
 from bot.engine.runtime import Runtime
-from finetune.model import load_model, resolve
+from finetune.model import EMBEDDED_DEFAULT, load_model, load_tokenizer, resolve
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def failing(model) -> None:
 def test_a_patch_that_keeps_the_logits_is_kept(model):
     before = logits(model)
     original_rope = modeling_llama.apply_rotary_pos_emb
-    assert apply_checked(model, faithful) is None
+    assert apply_checked(model, faithful, IDS) is None
     assert all("forward" in vars(norm) for norm in norms(model))
     assert modeling_llama.apply_rotary_pos_emb is not original_rope
     torch.testing.assert_close(logits(model), before)
@@ -73,22 +73,38 @@ def test_a_patch_that_changes_the_logits_or_fails_is_undone_exactly(model, patch
     before = logits(model)
     instance_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
     original_rope = modeling_llama.apply_rotary_pos_emb
-    assert why in apply_checked(model, patch)
+    assert why in apply_checked(model, patch, IDS)
     assert modeling_llama.apply_rotary_pos_emb is original_rope
     assert {name: dict(vars(m)) for name, m in model.named_modules()} == instance_attrs
     assert torch.equal(logits(model), before)
 
 
 def test_a_patch_that_changes_nothing_says_so(model):
-    assert apply_checked(model, lambda m: None) == "there are no fused kernels for model type 'llama'"
+    assert apply_checked(model, lambda m: None, IDS) == "there are no fused kernels for model type 'llama'"
+
+
+@pytest.mark.slow
+def test_on_smollm2_in_bf16_the_check_keeps_a_rounding_level_change_and_undoes_a_wrong_rope(monkeypatch):
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    ref = resolve(EMBEDDED_DEFAULT)
+    model = load_model(ref, "none", torch.bfloat16).eval()
+    ids = load_tokenizer(ref)(CHECK_TEXT, return_tensors="pt").input_ids
+    assert apply_checked(model, faithful, ids) is None
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_turning_the_wrong_way(model) -> None:
+        modeling_llama.apply_rotary_pos_emb = lambda q, k, cos, sin, unsqueeze_dim=1: rope(q, k, cos, -sin)
+
+    assert "change the logits" in apply_checked(model, rope_turning_the_wrong_way, ids)
+    assert modeling_llama.apply_rotary_pos_emb is rope
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA does")
-def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear_error(model):
+def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear_error(model, tiny_tokenizer):
     instance_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
-    assert fuse(model, "auto") is False and fuse(model, False) is False
+    assert fuse(model, "auto", tiny_tokenizer) is False and fuse(model, False, tiny_tokenizer) is False
     with pytest.raises(EngineError, match="FUSED_KERNELS=true needs"):
-        fuse(model, True)
+        fuse(model, True, tiny_tokenizer)
     assert {name: dict(vars(m)) for name, m in model.named_modules()} == instance_attrs
 
 

@@ -62,7 +62,7 @@ class Runtime:
             quantization = serving_quantization(ref, dtype or compute_dtype())
         model = load_model(ref, quantization, dtype)
         model.eval()
-        fused = fuse(model, fused_kernels)
+        fused = fuse(model, fused_kernels, tokenizer)
         lora_dtype = model.get_input_embeddings().weight.dtype  # the compute dtype (NF4 keeps embeddings in it)
         if model.device.type == "cpu":
             # rank-16 matmuls take ~20 us in bf16 on a CPU and 2-3 us in fp32: 11% faster decode at batch 1
