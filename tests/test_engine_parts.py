@@ -7,6 +7,7 @@ import torch
 from bot.engine import EngineError
 from bot.engine.context import fit_messages, prompt_budget
 from bot.engine.kvbatch import GROW, DecodeBatch, GrowingLayer
+from bot.engine.lora import LoraSlots
 from bot.engine.sampling import next_tokens, row_params
 from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
 from finetune.bundle import LoraInfo, Manifest
@@ -217,3 +218,32 @@ def test_cache_layer_appends_in_place_and_keeps_its_contents_when_it_grows():
     torch.testing.assert_close(layer.values, values[:, :, :4])
     layer.values = layer.values[:1, :, 1:]
     torch.testing.assert_close(layer.values, values[:1, :, 1:4])
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_lora_slots_add_each_rows_adapter_to_the_layer_output(base_dtype):
+    """One adapter for the whole batch, or one per row (slot 0: none); a base in the LoRA's fp32 gets the add
+    fused into the matmul, a bf16 one gets it at fp32 and rounded once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24)).to(base_dtype)
+    lora = LoraSlots(model, torch.float32, torch.device("cpu"))
+    adapters = {}
+    for _ in range(2):
+        a, b = torch.randn(4, 16), torch.randn(24, 4) / 4
+        adapters[lora.add({"0": (a, b)})] = (a, b)
+    x = torch.randn(3, 2, 16, dtype=base_dtype)
+    with torch.inference_mode():
+        base = model(x)
+
+    def want(slot: int, row: int) -> torch.Tensor:
+        if slot == 0:
+            return base[row]
+        a, b = adapters[slot]
+        return (base[row].float() + x[row].float() @ a.T @ b.T).to(base_dtype)
+
+    for slots in ([1, 1, 1], [2, 2, 2], [1, 0, 2]):
+        with torch.inference_mode(), lora.route(slots):
+            got = model(x)
+        expected = torch.stack([want(slot, row) for row, slot in enumerate(slots)])
+        tolerance = {} if base_dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+        torch.testing.assert_close(got, expected, **tolerance)

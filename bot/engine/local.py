@@ -57,7 +57,7 @@ class LocalEngine(Engine):
         tokens per request; default and upper bound: the model's ``max_position_embeddings``.
         ``prefix_cache_mb``: memory for finished replies' KV, reused by prompts that continue them (0: off).
         ``cuda_graphs``: on a CUDA device, replay decode steps as CUDA graphs (see ``graphs``).
-        ``fused_kernels``: Liger's fused kernels in the model ('auto': on a CUDA device when installed; see ``fused``)."""
+        ``fused_kernels``: Liger's fused kernels in the model ('auto': on a GPU when installed; see ``fused``)."""
         self._base_model = base_model
         self._max_context = max_context
         super().__init__()

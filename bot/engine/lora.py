@@ -2,9 +2,9 @@
 
 Every targeted linear layer keeps the LoRA weights of all loaded adapters stacked:
 A ``[slots, rank, in]`` and B ``[slots, out, rank]`` (the LoRA scale folded into B, smaller ranks
-zero-padded). A forward hook adds ``x @ A[s].T @ B[s].T`` for each row's slot ``s``: two matmuls when
-the whole batch uses one adapter, else a gather of the rows' slices and two batched matmuls. Slot 0
-stays all zeros (no adapter).
+zero-padded). A forward hook adds ``x @ A[s].T @ B[s].T`` for each row's slot ``s`` into the layer's
+output: two matmuls when the whole batch uses one adapter, else a gather of the rows' slices and two
+batched matmuls. Slot 0 stays all zeros (no adapter).
 
 Why not peft's ``adapter_names``: it loops over the distinct adapters of a batch inside every layer
 (an index, two matmuls and a scatter each), so the work grows with the number of personas in a batch,
@@ -113,14 +113,28 @@ class LoraSlots:
         self.version += 1
 
     def _apply(self, stack: _Stack, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add the LoRA term into the layer's fresh output, in place: where both have one dtype (a GPU) the
+        add rides in the second matmul (``addmm_``: one kernel fewer per layer), else it is done at the
+        higher precision of the two, as peft does."""
         if self._single == 0:
             return out
         x = x.to(self._dtype)
+        fused = out.dtype == self._dtype
         if self._single is not None:
-            delta = F.linear(F.linear(x, stack.a[self._single]), stack.b[self._single])
+            flat = out.view(-1, out.shape[-1])
+            hidden = F.linear(x, stack.a[self._single]).view(flat.shape[0], -1)
+            b = stack.b[self._single].t()
+            if fused:
+                flat.addmm_(hidden, b)
+            else:
+                flat.add_(hidden @ b)
         else:
             rows = x.reshape(x.shape[0], -1, x.shape[-1])
             hidden = torch.bmm(rows, stack.a.index_select(0, self._rows).transpose(1, 2))
-            delta = torch.bmm(hidden, stack.b.index_select(0, self._rows).transpose(1, 2))
-            delta = delta.reshape(*x.shape[:-1], delta.shape[-1])
-        return (out + delta).to(out.dtype)  # added at the higher precision of the two, as peft does
+            b = stack.b.index_select(0, self._rows).transpose(1, 2)
+            per_row = out.view(rows.shape[0], rows.shape[1], -1)
+            if fused:
+                per_row.baddbmm_(hidden, b)
+            else:
+                per_row.add_(torch.bmm(hidden, b))
+        return out
