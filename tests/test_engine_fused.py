@@ -5,6 +5,9 @@ Liger's kernels need a CUDA GPU, so on a CPU stand-in patches do what Liger's do
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import MethodType
 
 import pytest
@@ -97,6 +100,48 @@ def test_on_smollm2_in_bf16_the_check_keeps_a_rounding_level_change_and_undoes_a
 
     assert "change the logits" in apply_checked(model, rope_turning_the_wrong_way, ids)
     assert modeling_llama.apply_rotary_pos_emb is rope
+
+
+_LIGER_CHECK = """
+import sys
+import torch
+from liger_kernel.transformers import apply_liger_kernel_to_llama
+from transformers.models.llama import modeling_llama
+from bot.engine.fused import CHECK_TEXT, apply_checked, liger_patch
+from finetune.model import load_model, load_tokenizer, resolve
+
+ref = resolve(sys.argv[1])
+model = load_model(ref, "none", torch.float32).eval()
+ids = load_tokenizer(ref)(CHECK_TEXT, return_tensors="pt").input_ids
+names = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+attrs = {n: dict(vars(m)) for n, m in model.named_modules()}
+with torch.inference_mode():
+    before = model(input_ids=ids).logits
+
+# all of the engine's kernels: the interpreter cannot run Liger's RMSNorm and SwiGLU, so the check fails
+why = apply_checked(model, liger_patch, ids)
+assert why.startswith("the fused kernels failed"), why
+assert all(getattr(modeling_llama, n) is v for n, v in names.items())
+assert {n: dict(vars(m)) for n, m in model.named_modules()} == attrs
+with torch.inference_mode():
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+# Liger's RoPE alone runs there, passes, and stays
+rope_only = dict(rope=True, rms_norm=False, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=False)
+assert apply_checked(model, lambda m: apply_liger_kernel_to_llama(model=m, **rope_only), ids) is None
+assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")
+print("ok")
+"""
+
+
+def test_liger_under_tritons_cpu_interpreter_is_undone_when_it_fails_and_kept_when_it_passes(tiny_model_dir):
+    """Liger's own patch, not a stand-in: Triton's CPU interpreter runs its RoPE kernel (in a process of its
+    own: Liger rebinds functions process-wide)."""
+    pytest.importorskip("liger_kernel")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", _LIGER_CHECK, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA does")
