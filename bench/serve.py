@@ -206,7 +206,6 @@ async def bench(args: argparse.Namespace) -> None:
     def on_worker(fn: Any, *fn_args: Any) -> Any:
         return engine._scheduler.call(fn, *fn_args).result()
 
-
     # Adapter loads, disk -> serving. The first is left out of the mean: peft's first wraps the base model.
     engine_load, plain_load, manifests = [], [], {}
     for name, bundle in zip(names, bundles):

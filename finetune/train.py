@@ -98,7 +98,7 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
     """Wrap the base in trainable LoRA adapters (all linear layers by default).
 
     Unlike peft's ``prepare_model_for_kbit_training``, the frozen norms, embeddings and output layer keep the
-    base's 16-bit dtype: they are not trained, and the fp32 upcast costs memory (~2 GB on an 8B model, its
+    base's dtype (16-bit on a GPU) instead of going to fp32: they are not trained, and the fp32 upcast costs memory (~2 GB on an 8B model, its
     embeddings and output layer) plus a cast of those weights back to 16 bits by autocast at every step.
     LoRA's own weights are fp32 (peft's default)."""
     from peft import LoraConfig, get_peft_model
