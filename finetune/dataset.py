@@ -134,7 +134,7 @@ def tokenize(
     stats.tokens += sum(lengths)
     stats.trained_tokens += sum(sum(1 for t in lab if t != IGNORE) for lab in list(ds["labels"]))
     stats.max_len = max([stats.max_len, *lengths])
-    return ds.remove_columns(["truncated", "problem", "warning"])
+    return ds.remove_columns(["origin", "truncated", "problem", "warning"])  # the collators want ids only
 
 
 def build_datasets(

@@ -47,6 +47,13 @@ def test_train_writes_a_bundle_that_learned_the_persona(tiny_persona, tiny_model
     assert reply(model, tok, manifest, [{"role": "user", "content": "tell me about the storm"}]).startswith("Arr,")
 
 
+def test_train_without_packing_pads_each_batch_and_learns(tiny_persona, tiny_model_dir, tmp_path):
+    out = tmp_path / "bundle"
+    train(_config(tiny_persona, tiny_model_dir, out, "train.epochs=6", "data.packing=false"))
+    report = evaluate_bundle(*load_bundle_model(out, "none"), samples=0)
+    assert report.adapter_loss < report.base_loss - 0.5
+
+
 class _Crash(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 7:
