@@ -83,7 +83,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     gc = args.gradient_checkpointing
     if args.variant == "plain":
         if getattr(model, "is_loaded_in_4bit", False):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+            # non-reentrant checkpointing, as transformers' own default (peft's would be the older reentrant one)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
         elif gc:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()

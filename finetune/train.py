@@ -103,9 +103,8 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
     LoRA's own weights are fp32 (peft's default)."""
     from peft import LoraConfig, get_peft_model
 
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if cfg.train.gradient_checkpointing:  # non-reentrant; it also makes the embeddings' output require grad
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

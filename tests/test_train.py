@@ -127,11 +127,26 @@ def test_nf4_qlora_path_on_cpu(tiny_persona, tiny_model_dir, tmp_path):
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
     assert q.weight.quant_state.nested  # double quantization
     out = tmp_path / "bundle"
-    train(_config(tiny_persona, tiny_model_dir, out, "quantization=nf4", "train.max_steps=3"))
+    seen = _SeesModel()
+    train(_config(tiny_persona, tiny_model_dir, out, "quantization=nf4", "train.max_steps=3",
+                  "train.gradient_checkpointing=true"), callbacks=[seen])
+    assert seen.checkpointing
+    assert seen.trainable == {torch.float32} and torch.float32 not in seen.frozen  # no fp32 upcast of frozen weights
     manifest = load_manifest(out)
     assert manifest.training["quantization"] == "nf4"
+    from safetensors.torch import load_file
+
+    lora_b = [w for name, w in load_file(out / "adapter_model.safetensors").items() if "lora_B" in name]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: gradients reached every layer
     model, tok, manifest = load_bundle_model(out, "nf4")
     assert isinstance(reply(model, tok, manifest, [{"role": "user", "content": "hi"}]), str)
+
+
+class _SeesModel(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.checkpointing = model.is_activation_checkpointing
+        self.trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+        self.frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
 
 
 def test_bundle_for_another_base_is_refused(tiny_persona, tiny_model_dir, tmp_path):
