@@ -113,13 +113,18 @@ def run_variant(args: argparse.Namespace) -> dict:
         # our default: Liger's kernels on CUDA (--no-fused-kernels measures ours without them)
         use_liger_kernel=args.variant == "personabot" and args.fused_kernels and use_fused_kernels("auto"),
     )
-    trainer = trainer_cls(model=model, args=targs, train_dataset=_ListDataset(data), data_collator=collator,
+    batches: list[int] = []  # useful tokens of each batch, in the order the Trainer (shuffling) takes them
+
+    def counted(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batches.append(sum(len(r["input_ids"]) for r in rows))
+        return collator(rows)
+
+    trainer = trainer_cls(model=model, args=targs, train_dataset=_ListDataset(data), data_collator=counted,
                           callbacks=[Clock()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    timed = data[2 * args.batch_size :]
-    useful = sum(len(e["input_ids"]) for e in timed)
+    useful = sum(batches[2 : args.steps + 2])  # the batches of the timed steps
     seconds = marks[-1] - marks[1]
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
