@@ -243,6 +243,24 @@ def test_gpu_cuda_graph_steps_match_eager_steps(tiny_model_dir, bundles, monkeyp
         torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_capturing_again_after_every_graph_is_gone():
+    """Out of memory can leave an epoch without a graph, so every graph of the shared pool may be freed; the
+    next capture must still work (PyTorch refuses a pool whose graphs are all gone, until empty_cache)."""
+    import gc
+
+    capturer = CudaGraphs()
+    x = torch.ones(8, device="cuda")
+    for factor in (2.0, 3.0, 4.0):
+        capturer.run(lambda: x * factor)  # the warm-up DecodeGraphs runs before each capture
+        graph = capturer.capture(lambda: x * factor)
+        x.fill_(1.5)
+        assert graph.replay().tolist() == [1.5 * factor] * 8
+        del graph
+        gc.collect()
+
+
 async def _conversations(engine: LocalEngine, bundles: dict[str, Path]) -> list[str]:
     """Three replies decoded together (rows leave at different steps), then the next turn of one of them,
     which resumes from the prefix cache."""

@@ -6,7 +6,8 @@ import torch
 
 from bot.engine import EngineError
 from bot.engine.context import fit_messages, prompt_budget
-from bot.engine.kvbatch import GROW, DecodeBatch, GrowingLayer
+from bot.engine import kvbatch
+from bot.engine.kvbatch import GROW, DecodeBatch, GrowingCache, GrowingLayer
 from bot.engine.lora import LoraSlots
 from bot.engine.sampling import next_tokens, row_params
 from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
@@ -218,6 +219,24 @@ def test_cache_layer_appends_in_place_and_keeps_its_contents_when_it_grows():
     torch.testing.assert_close(layer.values, values[:, :, :4])
     layer.values = layer.values[:1, :, 1:]
     torch.testing.assert_close(layer.values, values[:1, :, 1:4])
+
+
+def test_booking_a_graph_step_without_memory_changes_neither_the_cache_nor_the_mask(monkeypatch):
+    """The step is retried; a cache one column ahead of the mask would misalign every later step."""
+    layer = GrowingLayer()
+    layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    cache = GrowingCache()
+    cache.layers.append(layer)
+    batch = DecodeBatch(cache, torch.ones(1, 3, dtype=torch.long), {})
+    batch.make_room()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(kvbatch.F, "pad", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.advance()
+    assert layer.get_seq_length() == batch.mask.shape[1] == 3
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])

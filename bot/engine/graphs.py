@@ -54,19 +54,26 @@ class CudaGraphs:
     def __init__(self) -> None:
         self._stream = torch.cuda.Stream()
         self._pool = torch.cuda.graph_pool_handle()
+        self._latest: torch.cuda.CUDAGraph | None = None
+        """The last graph captured, kept alive until the next capture succeeds: once every graph of a pool is
+        freed, PyTorch refuses to capture into it again until ``empty_cache()`` (an internal assert)."""
 
     @contextmanager
     def _on_side_stream(self) -> Iterator[None]:
         self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
-            yield
-        torch.cuda.current_stream().wait_stream(self._stream)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:  # even after an error: what the side stream queued must come before what follows
+            torch.cuda.current_stream().wait_stream(self._stream)
 
     def run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         with self._on_side_stream():
             return fn()
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> Graph:
+        if self._latest is None:  # no graph holds the pool (none captured yet, or only failed captures)
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with self._on_side_stream():
             # thread_local: the engine's other threads (bundle reads) may use CUDA meanwhile
@@ -75,6 +82,7 @@ class CudaGraphs:
                 out = fn()
             finally:
                 graph.capture_end()
+        self._latest = graph
         return _Replay(graph, out)
 
 
@@ -174,7 +182,7 @@ class DecodeGraphs:
         return logits
 
     def _begin(self, batch: DecodeBatch, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        self._epoch = None  # the old graph's memory goes back to the pool first
+        self._epoch = None  # the old graph goes once nothing else holds it (the capturer keeps it until the next)
         batch.make_room()
         rows = torch.tensor(slots, device=batch.mask.device)  # the LoRA gather reads it at every replay
         epoch = _Epoch(batch, partial(self._forward, slots=slots, rows=rows), self._key(batch, slots))

@@ -205,9 +205,10 @@ class DecodeBatch:
 
     def advance(self) -> None:
         """Book the step a captured graph just ran: one more column, visible to every row."""
+        mask = F.pad(self.mask, (0, 1), value=1)  # first: running out of memory here must leave both as they were
         for layer in self.cache.layers:
             layer.advance()
-        self.mask = F.pad(self.mask, (0, 1), value=1)
+        self.mask = mask
 
     def extend(self, other: DecodeBatch) -> None:
         """Append ``other``'s rows (pad whichever cache is shorter on the left)."""
