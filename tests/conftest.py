@@ -17,6 +17,16 @@ from tiny_model import build_tiny_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def llama_code_as_transformers_ships_it(monkeypatch):
+    """Liger's kernels (the engine's default on a GPU) rebind these for the whole process: each test starts
+    from transformers' own and leaves them so."""
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -1,7 +1,8 @@
 """Fused kernels in the served model: kept only when the logits stay the same, otherwise undone exactly.
 
 Liger's kernels need a CUDA GPU, so on a CPU stand-in patches do what Liger's does to a Llama: bind a new
-``forward`` on module instances and rebind a function of the modeling file for the whole process.
+``forward`` on module instances and rebind a function of the modeling file for the whole process (which
+conftest puts back after each test).
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ from finetune.model import EMBEDDED_DEFAULT, load_model, load_tokenizer, resolve
 
 
 @pytest.fixture
-def model(tiny_model_dir, monkeypatch):
-    # a patch that is kept rebinds this for the whole process: put the original back after each test
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+def model(tiny_model_dir):
     return load_model(resolve(str(tiny_model_dir)), "none", torch.float32).eval()
 
 
@@ -87,8 +86,7 @@ def test_a_patch_that_changes_nothing_says_so(model):
 
 
 @pytest.mark.slow
-def test_on_smollm2_in_bf16_the_check_keeps_a_rounding_level_change_and_undoes_a_wrong_rope(monkeypatch):
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+def test_on_smollm2_in_bf16_the_check_keeps_a_rounding_level_change_and_undoes_a_wrong_rope():
     ref = resolve(EMBEDDED_DEFAULT)
     model = load_model(ref, "none", torch.bfloat16).eval()
     ids = load_tokenizer(ref)(CHECK_TEXT, return_tensors="pt").input_ids
@@ -156,10 +154,8 @@ def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_liger_kernels_pass_their_check_in_the_served_model(tiny_model_dir, monkeypatch, dtype):
+def test_gpu_liger_kernels_pass_their_check_in_the_served_model(tiny_model_dir, dtype):
     pytest.importorskip("liger_kernel")
-    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger rebinds these process-wide
-        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     runtime = Runtime.load(str(tiny_model_dir), "none", dtype, fused_kernels=True)
     assert runtime.fused_kernels
     assert any(type(m).__name__ == "LlamaRMSNorm" and "forward" in vars(m) for m in runtime.model.modules())
