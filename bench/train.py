@@ -24,11 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IGNORE = -100
-SHAPES = {  # random-weight stand-ins with real shapes
-    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
-}
+from bench.engine import SHAPES, random_base  # noqa: E402  (random-weight stand-ins with real shapes)
+from finetune.dataset import IGNORE  # noqa: E402
 
 
 def examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -53,15 +50,9 @@ def load_base(args: argparse.Namespace, attention: str):
     from finetune.model import compute_dtype, load_model, resolve
 
     spec = "smollm2"
-    if args.shape != "smollm2":
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        config = LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False)
-        tmp = Path(os.environ.get("BENCH_CACHE", "/tmp/personabot-bench")) / args.shape
-        if not (tmp / "config.json").is_file():
-            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-                AutoModelForCausalLM.from_config(config, dtype=compute_dtype()).save_pretrained(tmp)
-        spec = str(tmp)
+    if args.shape != "smollm2":  # the SmolLM2 tokenizer only lends its special token ids
+        root = Path(os.environ.get("BENCH_CACHE", "/tmp/personabot-bench"))
+        spec = random_base(args.shape, "smollm2", compute_dtype(), root)
     return load_model(resolve(spec), args.quantization, attention=attention)
 
 
