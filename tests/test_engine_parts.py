@@ -9,7 +9,7 @@ from bot.engine.context import fit_messages, prompt_budget
 from bot.engine import kvbatch
 from bot.engine.kvbatch import GROW, DecodeBatch, GrowingCache, GrowingLayer
 from bot.engine.lora import LoraSlots
-from bot.engine.sampling import next_tokens, row_params
+from bot.engine.sampling import batch_params, next_tokens
 from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
 from finetune.bundle import LoraInfo, Manifest
 from finetune.persona import Sampling
@@ -70,8 +70,7 @@ def test_reply_text_cuts_at_a_stop_spanning_tokens(tiny_tokenizer):
 
 def _draw(logits: torch.Tensor, *settings: Sampling, seen: torch.Tensor | None = None) -> list[int]:
     """Sample one token per row, each row with its own settings, as the scheduler does."""
-    params = [row_params(s, logits.device) for s in settings]
-    rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+    rows = batch_params(settings, logits.device)
     rows["seen"] = torch.zeros(logits.shape, dtype=torch.bool) if seen is None else seen
     return next_tokens(logits, rows, settings).tolist()
 
@@ -108,8 +107,7 @@ def test_sampling_mixes_greedy_and_sampled_rows():
 def test_sampling_never_reads_a_value_back_from_the_device(settings):
     """On the meta device any read of a tensor's value raises, as it would stall a GPU mid-step."""
     meta = torch.device("meta")
-    params = [row_params(s, meta) for s in settings]
-    rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+    rows = batch_params(settings, meta)
     rows["seen"] = torch.empty(len(settings), 50, dtype=torch.bool, device=meta)
     logits = torch.empty(len(settings), 50, device=meta)
     assert next_tokens(logits, rows, settings).shape == (len(settings),)

@@ -8,13 +8,17 @@ import torch
 from finetune.persona import Sampling
 
 
-def row_params(sampling: Sampling, device: torch.device) -> dict[str, torch.Tensor]:
-    """One request's settings as 1-row tensors, so a batch is just their concatenation."""
+def batch_params(settings: Sequence[Sampling], device: torch.device) -> dict[str, torch.Tensor]:
+    """The requests' settings as one tensor each, row i for request i (rows of a ``DecodeBatch``)."""
+
+    def column(values: list[float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
     return {
-        "temperature": torch.tensor([sampling.temperature], dtype=torch.float32, device=device),
-        "top_p": torch.tensor([sampling.top_p], dtype=torch.float32, device=device),
-        "top_k": torch.tensor([sampling.top_k], dtype=torch.long, device=device),
-        "penalty": torch.tensor([sampling.repetition_penalty], dtype=torch.float32, device=device),
+        "temperature": column([s.temperature for s in settings], torch.float32),
+        "top_p": column([s.top_p for s in settings], torch.float32),
+        "top_k": column([s.top_k for s in settings], torch.long),
+        "penalty": column([s.repetition_penalty for s in settings], torch.float32),
     }
 
 
@@ -30,7 +34,7 @@ def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor], settings: S
 
     Repetition penalty (divide positive / multiply negative logits of seen tokens), then per row either
     greedy (temperature 0) or temperature, top-k (0 = off), top-p and a multinomial draw. ``rows`` holds the
-    settings as tensors (``row_params``), ``settings`` the same rows on the host: the branches are decided
+    settings as tensors (``batch_params``), ``settings`` the same rows on the host: the branches are decided
     from those, since reading a value back from the GPU would wait for the step there to finish.
     """
     penalty = rows["penalty"][:, None]

@@ -42,7 +42,7 @@ from .base import EngineError
 from .kvbatch import DecodeBatch
 from .prefix import KV
 from .runtime import Runtime
-from .sampling import next_tokens, row_params, seen_tokens
+from .sampling import batch_params, next_tokens, seen_tokens
 from .text import ReplyText
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,7 @@ class Scheduler:
 
     def _prefill(self, group: list[Request], hit: tuple[int, KV] | None = None) -> None:
         rt = self._runtime
-        params = [row_params(r.sampling, rt.device) for r in group]
-        rows = {k: torch.cat([p[k] for p in params]) for k in params[0]}
+        rows = batch_params([r.sampling for r in group], rt.device)
         forward = partial(rt.forward, slots=[r.slot for r in group])
         if hit is None:
             batch, logits = DecodeBatch.prefill(forward, [r.prompt for r in group], rows, rt.pad_id, rt.device)
