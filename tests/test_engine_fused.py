@@ -40,6 +40,11 @@ def rms_norm(self, x: torch.Tensor) -> torch.Tensor:
     return self.weight * (x32 / (x32.square().mean(-1, keepdim=True) + self.variance_epsilon).sqrt()).to(x.dtype)
 
 
+def attributes(model) -> dict[str, dict]:
+    """Every module's instance attributes (what a patch binds or sets), by module name."""
+    return {name: dict(vars(m)) for name, m in model.named_modules()}
+
+
 def norms(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
 
@@ -73,11 +78,11 @@ def test_a_patch_that_keeps_the_logits_is_kept(model):
 @pytest.mark.parametrize("patch, why", [(wrong, "change the logits by"), (failing, "the fused kernels failed")])
 def test_a_patch_that_changes_the_logits_or_fails_is_undone_exactly(model, patch, why):
     before = logits(model)
-    instance_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
+    instance_attrs = attributes(model)
     original_rope = modeling_llama.apply_rotary_pos_emb
     assert why in apply_checked(model, patch, IDS)
     assert modeling_llama.apply_rotary_pos_emb is original_rope
-    assert {name: dict(vars(m)) for name, m in model.named_modules()} == instance_attrs
+    assert attributes(model) == instance_attrs
     assert torch.equal(logits(model), before)
 
 
@@ -144,11 +149,11 @@ def test_liger_under_tritons_cpu_interpreter_is_undone_when_it_fails_and_kept_wh
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA does")
 def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear_error(model, tiny_tokenizer):
-    instance_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
+    instance_attrs = attributes(model)
     assert fuse(model, "auto", tiny_tokenizer) is False and fuse(model, False, tiny_tokenizer) is False
     with pytest.raises(EngineError, match="FUSED_KERNELS=true needs"):
         fuse(model, True, tiny_tokenizer)
-    assert {name: dict(vars(m)) for name, m in model.named_modules()} == instance_attrs
+    assert attributes(model) == instance_attrs
 
 
 @pytest.mark.gpu
