@@ -436,14 +436,15 @@ def test_nf4_base_serves_a_mixed_batch(tiny_model_dir, bundles):
         engine = LocalEngine(str(tiny_model_dir), quantization="nf4", dtype=torch.bfloat16)
         for name, path in bundles.items():
             await engine.load_adapter(name, path)
-        quantization = (await engine._runtime()).model.personabot_quantization
+        rt = await engine._runtime()
         alone = [await engine.complete(a, HELLO, SAMPLING) for a in ("one", "two")]
         together = await asyncio.gather(*[engine.complete(a, HELLO, SAMPLING) for a in ("one", "two")])
         await engine.close()
-        return quantization, alone, together
+        return rt, alone, together
 
-    quantization, alone, together = run(main())
-    assert quantization == "nf4"
+    rt, alone, together = run(main())
+    assert rt.model.personabot_quantization == "nf4"
+    assert rt.projections == [], "4-bit layers are not fused"
     assert all(alone) and alone[0] != alone[1] and together == alone
 
 

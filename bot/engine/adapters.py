@@ -19,6 +19,7 @@ from finetune.bundle import ADAPTER_FILES, BundleError, Manifest, check_compatib
 
 from .base import EngineError
 from .lora import LoraWeights
+from .projections import Part
 
 _PREFIX = "base_model.model."
 
@@ -46,10 +47,12 @@ class PreparedAdapter:
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The layers a bundle may target: the model's linear layers (a fused projection's parts, not the fused
+    layer, since bundles name the layers they were trained on)."""
     return {
         name: (module.in_features, module.out_features)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if isinstance(module, (torch.nn.Linear, Part))
     }
 
 

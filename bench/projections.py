@@ -1,0 +1,114 @@
+"""Decode steps with q/k/v and gate/up fused into one matmul each (the engine's default) vs the model's own
+separate layers, side by side in one run.
+
+Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
+with ``fused_projections`` off; the same batch of prompts is prefilled in each, then their decode steps
+alternate (each runtime's own greedy tokens), through ``Runtime.decode``, so on a GPU the steps are CUDA
+graph replays. Printed: ms per step (median), the ratio, the ops one eager step dispatches (a proxy for a
+graph's kernels), and how far the two runtimes' logits are apart.
+
+    python bench/projections.py                              # CPU: SmolLM2, batch 1 and 8
+    python bench/projections.py --random-shape llama-8b --dtype bf16 --base-model .gpu-kit/smollm2-tokenizer
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import DTYPES, add_base_args, random_base, random_bundle  # noqa: E402
+from bot.engine.adapters import prepare_adapter  # noqa: E402
+from bot.engine.kvbatch import DecodeBatch  # noqa: E402
+from bot.engine.runtime import Runtime  # noqa: E402
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Side:
+    """One runtime decoding one batch; its steps are timed one at a time."""
+
+    def __init__(self, rt: Runtime, slots: list[int], prompts: list[list[int]]) -> None:
+        self.rt, self.slots, self.times = rt, slots, []
+        self.batch, logits = DecodeBatch.prefill(partial(rt.forward, slots=slots), prompts, {}, rt.pad_id, rt.device)
+        self.tokens = logits.argmax(-1)
+        self.logits = logits
+
+    def step(self) -> None:
+        sync()
+        start = time.perf_counter()
+        self.logits = self.rt.decode(self.batch, self.slots, self.tokens)
+        self.tokens = self.logits.argmax(-1)
+        sync()
+        self.times.append(time.perf_counter() - start)
+
+    def ops_per_step(self) -> int:
+        """Ops one eager step dispatches (a real step: the batch gets one more column)."""
+        with CountOps() as counted:
+            self.tokens = self.batch.step(partial(self.rt.forward, slots=self.slots), self.tokens).argmax(-1)
+        return counted.count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_args(parser)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per side and case")
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    work = Path(args.work_dir)
+    spec = random_base(args.random_shape, args.base_model, dtype, work) if args.random_shape else args.base_model
+    sides = {fused: Runtime.load(spec, args.quantization, dtype, fused_projections=fused) for fused in (True, False)}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundles = [random_bundle(spec, Path(tmp) / f"p{i}", seed=i, rank=args.rank) for i in range(max(args.batch))]
+        slots = {fused: [rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles]
+                 for fused, rt in sides.items()}
+    fused_rt = sides[True]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+    print(f"# bench/projections.py {args.random_shape or spec} {args.dtype} quantization={args.quantization}, "
+          f"LoRA r={args.rank}, {args.steps} steps per case, {device}; fused groups: {len(fused_rt.projections)}")
+    print("| batch | adapters | separate ms/step | fused ms/step | speedup | ops per eager step separate / fused "
+          "| logits max rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for size in args.batch:
+            prompts = torch.randint(10, fused_rt.tokenizer.vocab_size, (size, args.prompt_tokens), generator=gen)
+            for mixed in ([False, True] if size > 1 else [False]):
+                runs = {fused: Side(rt, slots[fused][:size] if mixed else slots[fused][:1] * size, prompts.tolist())
+                        for fused, rt in sides.items()}
+                diff = float((runs[True].logits - runs[False].logits).abs().max() / runs[False].logits.abs().max())
+                for _ in range(args.steps + 2):  # the first two: warm-up (and graph capture on a GPU)
+                    for side in runs.values():
+                        side.step()
+                ms = {fused: 1000 * statistics.median(side.times[2:]) for fused, side in runs.items()}
+                ops = {fused: side.ops_per_step() for fused, side in runs.items()}
+                print(f"| {size} | {'one per row' if mixed else 'one'} | {ms[False]:.2f} | {ms[True]:.2f} "
+                      f"| {ms[False] / ms[True]:.2f}x | {ops[False]} / {ops[True]} | {diff:.2g} |")
+
+
+if __name__ == "__main__":
+    main()
