@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bot.engine.adapters import linear_shapes
+from bot.engine.adapters import linear_shapes, prepare_adapter
 from bot.engine.kvbatch import DecodeBatch
 from bot.engine.lora import LoraSlots
 from bot.engine.projections import FusedLinear, Part, fuse_projections
 from bot.engine.runtime import Runtime
+from engine_fixtures import make_bundle
 
 
 class CountOps(TorchDispatchMode):
@@ -126,9 +127,36 @@ def test_lora_on_a_fused_layer_adds_each_parts_adapter_and_survives_growth():
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_runtime_fuses_its_projections_and_a_failed_forward_leaves_nothing_held(tiny_model_dir):
-    rt = Runtime.load(str(tiny_model_dir), "none", torch.float32, cuda_graphs=False)
-    assert len(rt.projections) == 2 * rt.model.config.num_hidden_layers
+@pytest.fixture(scope="module")
+def bundles(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("projection-bundles")
+    return [make_bundle(tiny_model_dir, root / "all", seed=1, r=4),
+            make_bundle(tiny_model_dir, root / "some", seed=2, r=16, target_modules=["k_proj", "v_proj", "up_proj"])]
+
+
+def test_a_fused_runtime_decodes_as_the_separate_layers_do(tiny_model_dir, bundles):
+    """bf16 (where the runtime fuses on a CPU): a batch mixing two adapters and none, then one adapter alone."""
+    runtimes = [Runtime.load(str(tiny_model_dir), "none", torch.bfloat16, cuda_graphs=False, fused_projections=f)
+                for f in (True, False)]
+    assert [len(rt.projections) for rt in runtimes] == [2 * runtimes[0].model.config.num_hidden_layers, 0]
+    slots = [[rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles] for rt in runtimes]
+    assert slots[0] == slots[1]
+    gen = torch.Generator().manual_seed(0)
+    for rows in ([slots[0][0], slots[0][1], 0], [slots[0][1]] * 2):
+        prompts = torch.randint(5, 200, (len(rows), 6), generator=gen).tolist()
+        with torch.inference_mode():
+            batches = [DecodeBatch.prefill(partial(rt.forward, slots=rows), prompts, {}, rt.pad_id, rt.device)
+                       for rt in runtimes]
+            logits = [out for _, out in batches]
+            for _ in range(4):
+                torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
+                tokens = logits[1].argmax(-1)
+                logits = [rt.decode(batch, rows, tokens) for rt, (batch, _) in zip(runtimes, batches)]
+
+
+def test_fp32_on_a_cpu_keeps_separate_layers_and_a_failed_forward_leaves_nothing_held(tiny_model_dir):
+    assert Runtime.load(str(tiny_model_dir), "none", torch.float32, cuda_graphs=False).projections == []
+    rt = Runtime.load(str(tiny_model_dir), "none", torch.bfloat16, cuda_graphs=False)
     attention = rt.model.model.layers[1].self_attn
 
     def fail(*_):
@@ -138,4 +166,4 @@ def test_runtime_fuses_its_projections_and_a_failed_forward_leaves_nothing_held(
     with torch.inference_mode(), pytest.raises(RuntimeError, match="boom"):
         DecodeBatch.prefill(partial(rt.forward, slots=[0]), [[5, 6, 7]], {}, rt.pad_id, rt.device)
     hook.remove()
-    assert all(group._output is None for group in rt.projections)
+    assert rt.projections and all(group._output is None for group in rt.projections)

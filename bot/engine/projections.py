@@ -3,15 +3,15 @@
 A Llama-style layer runs seven linear layers, each one weight read (a GEMV at batch 1) and, with an adapter
 active, two LoRA matmuls. q, k and v read the same hidden state, as do gate and up, so their weights can sit
 side by side in one matrix: one GEMV instead of three (or two), and the LoRA slots of the group take one
-matmul for every sibling's A and one for every B (``lora``). That is 21 kernels of a layer's projections
-down to 12 (9 fewer per layer, ~290 per decode step of an 8B model), the fused layout vLLM serves with.
+matmul for every sibling's A and one for every B (``lora``). With one adapter that is 21 kernels of a
+layer's projections down to 12 (~290 fewer per decode step of an 8B model), the fused layout vLLM serves with.
 
 The model's own code still calls ``q_proj``, ``k_proj`` and ``v_proj`` in turn, so each sibling becomes a
 ``Part`` that returns its columns of the group's output: the first asks the group to compute it, the others
 take their share of it, and the group lets go of it once every part has had its share. A part called with
 another input, or twice, gets the group computed again: slower, never wrong. The siblings' weights are
-freed once copied into the fused one (no extra memory). Only plain 16-bit ``nn.Linear`` layers are fused; a 4-bit base
-keeps its layers as they are.
+freed once copied into the fused one (no extra memory). Only plain ``nn.Linear`` layers are fused: a 4-bit
+base keeps its layers as they are (and ``runtime`` leaves fp32 ones on a CPU, where fusing was slower).
 """
 from __future__ import annotations
 
