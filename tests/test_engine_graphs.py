@@ -16,11 +16,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bot.engine import kvbatch
-from bot.engine.adapters import prepare_adapter
+from bot.engine.adapters import linear_shapes, prepare_adapter
 from bot.engine.graphs import CudaGraphs, DecodeGraphs, Reruns
 from bot.engine.kvbatch import DecodeBatch, GrowingCache, GrowingLayer
 from bot.engine.local import LocalEngine
 from bot.engine.lora import LoraSlots
+from bot.engine.projections import fuse_projections
 from bot.engine.runtime import Runtime
 from engine_fixtures import make_bundle, run
 from finetune.persona import Sampling
@@ -78,12 +79,14 @@ def _scenario(rt: Runtime, bundles: dict[str, Path], slots: dict[str, int]) -> t
     return out, epochs
 
 
-def test_graph_steps_match_eager_steps_and_recapture_when_stale(tiny_model_dir, bundles, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the fused projections, on a CPU too
+def test_graph_steps_match_eager_steps_and_recapture_when_stale(tiny_model_dir, bundles, monkeypatch, dtype):
     monkeypatch.setattr(kvbatch, "GROW", 2)  # the buffers fill every other step
-    rt, slots = _runtime(tiny_model_dir, bundles)
+    rt, slots = _runtime(tiny_model_dir, bundles, dtype)
     eager, _ = _scenario(rt, bundles, slots)
 
-    rt, slots = _runtime(tiny_model_dir, bundles)
+    rt, slots = _runtime(tiny_model_dir, bundles, dtype)
+    assert bool(rt.projections) == (dtype == torch.bfloat16 or rt.device.type == "cuda")
     captured = []
 
     class Counted(Reruns):
@@ -97,8 +100,9 @@ def test_graph_steps_match_eager_steps_and_recapture_when_stale(tiny_model_dir, 
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
     graphed, epochs = _scenario(rt, bundles, slots)
 
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for step, (a, b) in enumerate(zip(eager, graphed)):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance, msg=lambda m: f"step {step}: {m}")
     assert rt.graphs.enabled and rt.graphs.checked == {(2, "mixed"), (3, "mixed"), (1, "one")}
     assert {0, 3, 6, 8, 9} <= set(epochs), f"a join, leave or adapter load must start a new graph: {epochs}"
     assert len(captured) == len(epochs) < 12, "steps within an epoch replay its graph"
@@ -168,8 +172,9 @@ class _OnDevice(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-projections"])
 @pytest.mark.parametrize("slots", [[1, 2], [1, 1]], ids=["mixed", "single"])
-def test_a_captured_step_never_reads_a_value_on_the_host(tiny_model_dir, slots):
+def test_a_captured_step_never_reads_a_value_on_the_host(tiny_model_dir, slots, fused):
     """CUDA capture fails on any host sync (``.item()``, ``bool(t)``, data-dependent shapes). On the meta
     device those raise too, so the whole static step runs there; the eager step does sync (its mask). And
     no tensor of the step may come from the host (a copy in the middle of a capture is not allowed)."""
@@ -179,11 +184,13 @@ def test_a_captured_step_never_reads_a_value_on_the_host(tiny_model_dir, slots):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     with meta:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    if fused:
+        assert fuse_projections(model)
     lora = LoraSlots(model, torch.float32, meta)
-    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    shapes = {n: shape for n, shape in linear_shapes(model).items() if n != "lm_head"}
     for _ in range(2):
-        lora.add({n: (torch.zeros(4, model.get_submodule(n).in_features, device=meta),
-                      torch.zeros(model.get_submodule(n).out_features, 4, device=meta)) for n in targets})
+        lora.add({n: (torch.zeros(4, fan_in, device=meta), torch.zeros(fan_out, 4, device=meta))
+                  for n, (fan_in, fan_out) in shapes.items()})
 
     def forward(ids, mask, positions, cache, slots, rows=None):
         with lora.route(slots, rows):
