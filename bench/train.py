@@ -50,9 +50,9 @@ def load_base(args: argparse.Namespace, attention: str):
     from finetune.model import compute_dtype, load_model, resolve
 
     spec = "smollm2"
-    if args.shape != "smollm2":  # the SmolLM2 tokenizer only lends its special token ids
+    if args.shape != "smollm2":  # the tokenizer only lends its special token ids
         root = Path(os.environ.get("BENCH_CACHE", "/tmp/personabot-bench"))
-        spec = random_base(args.shape, "smollm2", compute_dtype(), root)
+        spec = random_base(args.shape, args.tokenizer, compute_dtype(), root)
     return load_model(resolve(spec), args.quantization, attention=attention)
 
 
@@ -151,6 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--tokenizer", default="smollm2",
+                        help="a random --shape takes its special token ids (on the GPU machine, which lacks the "
+                             "embedded GGUF: .gpu-kit/smollm2-tokenizer)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--gradient-checkpointing", action="store_true")
