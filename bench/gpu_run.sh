@@ -3,7 +3,7 @@
 # device time, the machine's start included). Build the kit here first (`bash bench/gpu_kit.sh`), then:
 #
 #   run(carry=[".gpu-kit"], timeout_s=590, command="bash bench/gpu_run.sh serve")   # GPU tests + serving
-#   run(carry=[".gpu-kit"], timeout_s=590, command="bash bench/gpu_run.sh train")   # training bench
+#   run(carry=[".gpu-kit"], timeout_s=590, command="bash bench/gpu_run.sh train")   # training benches
 #
 # Each step has its own time limit and its whole log goes to $OUT (what comes back); a failing step does not
 # stop the next. The steps print their last lines, so the call's output tail holds every result.
@@ -40,7 +40,7 @@ serve)
 train)
     step train 300 python bench/train.py --shape llama-8b --tokenizer "$TOKENIZER" --steps 10 --batch-size 2 \
         --gradient-checkpointing
-    step train-no-fused 200 python bench/train.py --shape llama-8b --tokenizer "$TOKENIZER" --steps 10 \
-        --batch-size 2 --gradient-checkpointing --no-fused-kernels
+    step train-every-2 240 python bench/train.py --shape llama-8b --tokenizer "$TOKENIZER" --steps 10 \
+        --batch-size 2 --gradient-checkpointing --checkpoint-every 2
     ;;
 esac

@@ -84,7 +84,8 @@ def run_variant(args: argparse.Namespace) -> dict:
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
         trainer_cls, collator = Trainer, _pad_collator
     else:
-        cfg = load_config(None, ["persona=bench", "output_dir=bench", f"train.gradient_checkpointing={gc}"])
+        checkpointing = args.checkpoint_every if gc else False
+        cfg = load_config(None, ["persona=bench", "output_dir=bench", f"train.gradient_checkpointing={checkpointing}"])
         model = add_lora(model, cfg)
         trainer_cls, collator = PersonaTrainer, make_collator(None, packing=True, boundaries=attention == VARLEN)
 
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="with --gradient-checkpointing, our variant checkpoints every Nth layer "
+                             "(train.gradient_checkpointing: N); the plain recipe checkpoints every layer")
     parser.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                         help="our variant without Liger's kernels (they are on by default with CUDA)")
     parser.add_argument("--no-varlen-attention", dest="varlen_attention", action="store_false",

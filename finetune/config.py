@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,7 +38,10 @@ class TrainSettings(_Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Annotated[int, Field(ge=1)] = Field(
+        True, description="recompute activations in the backward pass: true = every decoder layer, N = every Nth "
+        "(less recompute for more memory), false = none"
+    )
     fused_kernels: bool | Literal["auto"] = Field(
         "auto", description="Liger kernels; auto = on with CUDA and liger-kernel (pip install 'personabot[gpu]')"
     )

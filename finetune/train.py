@@ -103,8 +103,10 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
     LoRA's own weights are fp32 (peft's default)."""
     from peft import LoraConfig, get_peft_model
 
-    if cfg.train.gradient_checkpointing:  # non-reentrant; it also makes the embeddings' output require grad
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    every = cfg.train.gradient_checkpointing
+    if every:  # non-reentrant; it also makes the embeddings' output require grad
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=1 if every is True else every)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

@@ -3,6 +3,8 @@ of a fused layer computing every part's adapter, nothing held between forwards."
 from __future__ import annotations
 
 import collections
+import gc
+import weakref
 from functools import partial
 
 import pytest
@@ -44,8 +46,11 @@ def test_fused_projections_give_the_same_logits_with_fewer_matmuls_and_no_more_m
     layers = plain.config.num_hidden_layers
     bytes_before = sum(p.numel() * p.element_size() for p in fused.parameters())
     shapes = linear_shapes(plain)
+    replaced = weakref.ref(fused.model.layers[0].mlp.up_proj)
 
     groups = fuse_projections(fused)
+    gc.collect()
+    assert replaced() is None, "the separate layers (and their weights) are gone"
 
     assert len(groups) == 2 * layers
     attention = fused.model.layers[0].self_attn

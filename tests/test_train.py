@@ -98,6 +98,26 @@ def test_fused_kernels_setting(tiny_persona, tiny_model_dir, tmp_path):
             training_args(forced, has_eval=True)
 
 
+@pytest.mark.parametrize("setting, recomputed", [("true", [True, True]), ("2", [True, False]),
+                                                  ("false", [False, False])])
+def test_gradient_checkpointing_every_nth_layer(tiny_persona, tiny_model_dir, tmp_path, setting, recomputed):
+    """A checkpointed layer runs its forward again in the backward pass; gradients reach every layer's LoRA."""
+    from finetune.model import load_model, resolve
+    from finetune.train import add_lora
+
+    cfg = _config(tiny_persona, tiny_model_dir, tmp_path, f"train.gradient_checkpointing={setting}")
+    model = add_lora(load_model(resolve(str(tiny_model_dir)), "none"), cfg).train()
+    layers = model.base_model.model.model.layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):  # the recompute calls the layer's forward, which calls its norm again
+        layer.input_layernorm.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [n == 2 for n in calls] == recomputed and all(n in (1, 2) for n in calls)
+    for layer in layers:
+        assert layer.self_attn.q_proj.lora_B["default"].weight.grad.abs().sum() > 0  # (A's is 0 while B is 0)
+
+
 def test_atomic_save_keeps_the_old_bundle_on_crash(tmp_path):
     out = tmp_path / "bundle"
     write_atomically(out, lambda d: (d / "adapter_model.safetensors").write_text("v1"))
