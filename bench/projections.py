@@ -13,7 +13,6 @@ graph's kernels), and how far the two runtimes' logits are apart.
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import sys
 import tempfile
