@@ -31,6 +31,26 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     bitsandbytes==0.50.2 liger-kernel datasets "dill<0.4.2" "multiprocess<0.70.20" pydantic pydantic-core \
     pydantic-settings annotated-types typing-inspection python-dotenv discord.py transformers==5.24.0 peft==0.21.2 \
     "regex>=2025.10.22"
+# bitsandbytes for CUDA 13 (the image's torch) alone: its ROCm, XPU and CUDA 11-12 libraries are 36 of its
+# 43 MB, and what travels to the device must stay under 64 MiB
+python3 - "$KIT"/bitsandbytes-*.whl <<'EOF'
+import re, sys, zipfile
+from pathlib import Path
+
+wheel = Path(sys.argv[1])
+unused = re.compile(r"bitsandbytes/libbitsandbytes_(rocm|xpu|cuda1[12]).*[.]so")
+slim = wheel.with_suffix(".slim")
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+    for item in src.infolist():
+        if unused.fullmatch(item.filename):
+            continue
+        data = src.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            lines = data.decode().splitlines(keepends=True)
+            data = "".join(line for line in lines if not unused.fullmatch(line.split(",")[0])).encode()
+        dst.writestr(item, data)
+slim.replace(wheel)
+EOF
 # the SmolLM2 tokenizer and chat template, as a folder `finetune.model.resolve` accepts (no weights)
 .venv/bin/python - "$KIT/smollm2-tokenizer" <<'EOF'
 import sys

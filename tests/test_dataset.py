@@ -178,14 +178,16 @@ batch = make_collator(None, packing=True)(rows)
 fused_calls = []
 loss_fn = liger_llama.lce_maybe_trainable_lm_head
 liger_llama.lce_maybe_trainable_lm_head = lambda *a, **k: fused_calls.append(k) or loss_fn(*a, **k)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+batch = {key: value.to(device) for key, value in batch.items()}
 for fused in (False, True):
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).to(device)
     args = TrainingArguments(output_dir=sys.argv[2], report_to="none", use_liger_kernel=fused)
     trainer = PersonaTrainer(model=model, args=args)
     if fused:  # the loss kernel only: the Triton interpreter cannot run Liger's RMSNorm
         apply_liger_kernel(model, {"rope": False, "rms_norm": False, "swiglu": False})
         assert model.forward.__func__.__module__.startswith("liger_kernel"), model.forward
-    loss = trainer.compute_loss(model.train(), dict(batch))
+    loss = trainer.compute_loss(model.train(), batch)
     loss.backward()
     print(fused, loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.norm().item(), len(fused_calls),
           flush=True)
@@ -193,14 +195,18 @@ for fused in (False, True):
 
 
 def test_fused_linear_cross_entropy_gives_the_same_loss_and_gradients(tiny_model_dir, tmp_path):
-    """With Liger on, the loss on kept positions runs through its fused kernel (here under Triton's CPU
-    interpreter) and must match the plain cross-entropy exactly enough to train the same."""
+    """With Liger on, the loss on kept positions runs through its fused kernel (on a GPU; without one under
+    Triton's CPU interpreter, which Triton 3.6's cannot run) and must match the plain cross-entropy exactly
+    enough to train the same."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("liger_kernel")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))  # keep what's there
+    env = {**os.environ, "PYTHONPATH": path}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", _FUSED_CHECK, str(tiny_model_dir), str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -141,7 +141,8 @@ def test_liger_under_tritons_cpu_interpreter_is_undone_when_it_fails_and_kept_wh
     """Liger's own patch, not a stand-in: Triton's CPU interpreter runs its RoPE kernel (in a process of its
     own: Liger rebinds functions process-wide)."""
     pytest.importorskip("liger_kernel")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))  # keep what's there
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", _LIGER_CHECK, str(tiny_model_dir)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
