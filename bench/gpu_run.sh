@@ -34,7 +34,7 @@ case "${1:-}" in
 serve)
     TAIL=15 step gpu-tests 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_graphs.py \
         tests/test_engine_fused.py tests/test_engine_local.py tests/test_attention.py tests/test_train.py
-    # not GPU-only (a CPU runs it under Triton's interpreter), but the image's Triton 3.6 interpreter cannot
+    # not GPU-only (a CPU runs it under Triton's interpreter, which the image's Triton 3.6 cannot): here on CUDA
     TAIL=5 step fused-loss 60 python -m pytest -q -p no:cacheprovider tests/test_dataset.py -k fused_linear_cross
     step serve 240 python bench/serve.py "${SERVE_BASE[@]}" --quantization none --new-tokens 64 --rounds 2
     step projections 100 python bench/projections.py "${SERVE_BASE[@]}" --steps 30
