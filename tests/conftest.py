@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +31,18 @@ def llama_code_as_transformers_ships_it(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def run_python():
+    """Run a Python snippet in a process of its own (Liger rebinds functions process-wide), with this checkout
+    importable ahead of what PYTHONPATH already holds (on the GPU machine, the kit's wheels)."""
+    def run(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        return subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "PYTHONPATH": path, **env},
+                              capture_output=True, text=True, timeout=300)
+
+    return run
 
 
 @pytest.fixture(scope="session")

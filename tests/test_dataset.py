@@ -194,21 +194,13 @@ for fused in (False, True):
 """
 
 
-def test_fused_linear_cross_entropy_gives_the_same_loss_and_gradients(tiny_model_dir, tmp_path):
+def test_fused_linear_cross_entropy_gives_the_same_loss_and_gradients(tiny_model_dir, tmp_path, run_python):
     """With Liger on, the loss on kept positions runs through its fused kernel (on a GPU; without one under
     Triton's CPU interpreter, which Triton 3.6's cannot run) and must match the plain cross-entropy exactly
     enough to train the same."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("liger_kernel")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))  # keep what's there
-    env = {**os.environ, "PYTHONPATH": path}
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", _FUSED_CHECK, str(tiny_model_dir), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    out = run_python(_FUSED_CHECK, str(tiny_model_dir), str(tmp_path), **interpret)
     assert out.returncode == 0, out.stderr[-3000:]
     plain, fused = [line.split() for line in out.stdout.splitlines()[-2:]]
     assert (plain[0], plain[3], fused[0], fused[3]) == ("False", "0", "True", "1")  # the fused kernel ran once

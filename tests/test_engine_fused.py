@@ -6,9 +6,6 @@ conftest puts back after each test).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from types import MethodType
 
 import pytest
@@ -137,14 +134,12 @@ print("ok")
 """
 
 
-def test_liger_under_tritons_cpu_interpreter_is_undone_when_it_fails_and_kept_when_it_passes(tiny_model_dir):
+def test_liger_under_tritons_cpu_interpreter_is_undone_when_it_fails_and_kept_when_it_passes(tiny_model_dir,
+                                                                                           run_python):
     """Liger's own patch, not a stand-in: Triton's CPU interpreter runs its RoPE kernel (in a process of its
     own: Liger rebinds functions process-wide)."""
     pytest.importorskip("liger_kernel")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))  # keep what's there
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", _LIGER_CHECK, str(tiny_model_dir)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = run_python(_LIGER_CHECK, str(tiny_model_dir), TRITON_INTERPRET="1")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
