@@ -172,6 +172,17 @@ async def bench(args: argparse.Namespace) -> dict:
     }
 
 
+def sync() -> None:
+    """Wait for the GPU's queued kernels, so a wall-clock timer around a step measures the step."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    """What a printed figure was measured on: the GPU, or the CPU's torch threads."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+
+
 def add_base_args(parser: argparse.ArgumentParser) -> None:
     """Options the serving benchmarks share: which base, its dtype and quantization, adapter rank, work dir."""
     parser.add_argument("--base-model", default="smollm2", help="hub id, folder, .gguf or 'smollm2'")

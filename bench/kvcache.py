@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import DTYPES, add_base_args, random_base  # noqa: E402
+from bench.engine import DTYPES, add_base_args, device_name, random_base, sync  # noqa: E402
 from bot.engine.kvbatch import GrowingCache  # noqa: E402
 from finetune.model import load_model, resolve  # noqa: E402
 
@@ -42,12 +42,10 @@ def step_ms(model, cache_cls: type, batch: int, context: int, steps: int) -> flo
     for i in range(steps + 2):  # 2 warm-up steps
         positions = mask.sum(-1, keepdim=True)
         mask = F.pad(mask, (0, 1), value=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         tokens = forward(tokens[:, None], mask, positions)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return 1000 * sum(times[2:]) / steps
 
@@ -64,9 +62,8 @@ def main() -> None:
     if args.random_shape:
         spec = random_base(args.random_shape, args.base_model, dtype, Path(args.work_dir))
     model = load_model(resolve(spec), args.quantization, dtype).eval()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(f"# bench/kvcache.py {args.random_shape or spec} {args.dtype} batch {args.batch}, {args.steps} steps, "
-          f"{device}")
+          f"{device_name()}")
     print("| context tokens | DynamicCache ms/step | GrowingCache ms/step | speedup |")
     print("|---|---|---|---|")
     with torch.inference_mode():

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import DTYPES, add_base_args, random_base, random_bundle  # noqa: E402
+from bench.engine import DTYPES, add_base_args, device_name, random_base, random_bundle, sync  # noqa: E402
 from bot.engine.adapters import prepare_adapter  # noqa: E402
 from bot.engine.kvbatch import DecodeBatch  # noqa: E402
 from bot.engine.runtime import Runtime  # noqa: E402
@@ -39,11 +39,6 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class Side:
@@ -86,9 +81,9 @@ def main() -> None:
         slots = {fused: [rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles]
                  for fused, rt in sides.items()}
     fused_rt = sides[True]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(f"# bench/projections.py {args.random_shape or spec} {args.dtype} quantization={args.quantization}, "
-          f"LoRA r={args.rank}, {args.steps} steps per case, {device}; fused groups: {len(fused_rt.projections)}")
+          f"LoRA r={args.rank}, {args.steps} steps per case, {device_name()}; "
+          f"fused groups: {len(fused_rt.projections)}")
     print("| batch | adapters | separate ms/step | fused ms/step | speedup | ops per eager step separate / fused "
           "| logits max rel. diff |")
     print("|---|---|---|---|---|---|---|")
