@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import SHAPES, random_base  # noqa: E402  (random-weight stand-ins with real shapes)
+from bench.engine import SHAPES, random_base, sync  # noqa: E402  (random-weight stand-ins with real shapes)
 from finetune.dataset import IGNORE  # noqa: E402
 
 
@@ -93,8 +93,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             marks.append(time.perf_counter())
 
     targs = TrainingArguments(
