@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.engine.adapters import linear_shapes  # noqa: E402
-from bot.engine.local import LocalEngine, on_own_thread  # noqa: E402
-from finetune.bundle import MANIFEST, LoraInfo, Manifest  # noqa: E402
+from bot.engine import EngineConfig  # noqa: E402
+from bot.engine.local.adapters import linear_shapes  # noqa: E402
+from bot.engine.local.engine import LocalEngine, on_own_thread  # noqa: E402
+from finetune.bundle import MANIFEST, LoraInfo, Manifest, Sampling  # noqa: E402
 from finetune.model import fingerprint, load_tokenizer, materialize, resolve  # noqa: E402
-from finetune.persona import Sampling  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,7 +116,8 @@ async def bench(args: argparse.Namespace) -> dict:
                                            for i in range(n_adapters + 1)])
 
     started = time.perf_counter()
-    engine = LocalEngine(base, quantization=args.quantization, dtype=DTYPES[args.dtype], max_batch=n_adapters)
+    engine = LocalEngine(EngineConfig(base_model=base, quantization=args.quantization, dtype=DTYPES[args.dtype],
+                                      max_batch=n_adapters))
     rt = await engine._runtime()
     base_load_s = time.perf_counter() - started
     rt.stop_ids = frozenset()  # every reply runs its full length: equal work per request

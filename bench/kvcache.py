@@ -21,7 +21,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DTYPES, add_base_args, device_name, random_base, sync  # noqa: E402
-from bot.engine.kvbatch import GrowingCache  # noqa: E402
+from bot.engine.local.kvbatch import GrowingCache  # noqa: E402
 from finetune.model import load_model, resolve  # noqa: E402
 
 

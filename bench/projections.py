@@ -26,9 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DTYPES, add_base_args, device_name, random_base, random_bundle, sync  # noqa: E402
-from bot.engine.adapters import prepare_adapter  # noqa: E402
-from bot.engine.kvbatch import DecodeBatch  # noqa: E402
-from bot.engine.runtime import Runtime  # noqa: E402
+from bot.engine import EngineConfig  # noqa: E402
+from bot.engine.local.adapters import prepare_adapter  # noqa: E402
+from bot.engine.local.kvbatch import DecodeBatch  # noqa: E402
+from bot.engine.local.runtime import Runtime  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):
@@ -75,7 +76,8 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     work = Path(args.work_dir)
     spec = random_base(args.random_shape, args.base_model, dtype, work) if args.random_shape else args.base_model
-    sides = {fused: Runtime.load(spec, args.quantization, dtype, fused_projections=fused) for fused in (True, False)}
+    sides = {fused: Runtime.load(EngineConfig(base_model=spec, quantization=args.quantization, dtype=dtype),
+                                  fused_projections=fused) for fused in (True, False)}
     with tempfile.TemporaryDirectory() as tmp:
         bundles = [random_bundle(spec, Path(tmp) / f"p{i}", seed=i, rank=args.rank) for i in range(max(args.batch))]
         slots = {fused: [rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles]

@@ -48,11 +48,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DTYPES, PROMPTS, add_base_args, random_base, random_bundle  # noqa: E402
-from bot.engine.local import LocalEngine, on_own_thread  # noqa: E402
-from bot.engine.prefix import PrefixCache  # noqa: E402
-from finetune.bundle import Manifest  # noqa: E402
+from bot.engine import EngineConfig  # noqa: E402
+from bot.engine.local.engine import LocalEngine, on_own_thread  # noqa: E402
+from bot.engine.local.prefix import PrefixCache  # noqa: E402
+from finetune.bundle import Manifest, Sampling  # noqa: E402
 from finetune.model import Quantization, load_model, load_tokenizer, resolve  # noqa: E402
-from finetune.persona import Sampling  # noqa: E402
 from finetune.prompt import encode_prompt  # noqa: E402
 
 CONVERSATIONS = 8
@@ -195,8 +195,8 @@ async def bench(args: argparse.Namespace) -> None:
     # The plain side is built first: with fused kernels on, the engine has Liger swap Llama's RMSNorm and MLP
     # classes, and its RoPE function, process-wide; models built before keep Hugging Face's own modules.
     plain = await on_own_thread(Plain, base, args.quantization, dtype)
-    engine = LocalEngine(base, quantization=args.quantization, dtype=dtype, max_batch=CONVERSATIONS,
-                         fused_kernels=args.fused_kernels)
+    engine = LocalEngine(EngineConfig(base_model=base, quantization=args.quantization, dtype=dtype,
+                                      max_batch=CONVERSATIONS, fused_kernels=args.fused_kernels))
     rt = await engine._runtime()
     rt.stop_ids = frozenset()  # end-of-sequence ignored: every reply is exactly n tokens
     rt.prefixes = PrefixCache(0)  # sections 1-3: every prompt is prefilled in full, as plain generate does

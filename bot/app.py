@@ -98,7 +98,7 @@ class PersonaBot:
             try:
                 self._engine = await asyncio.to_thread(self._engine)
             except Exception as exc:  # whatever the backend raises (bad model, missing package): name the engine
-                raise StartupError(f"cannot start the {self.settings.engine} engine: {exc}") from exc
+                raise StartupError(f"cannot start the engine: {exc}") from exc
         for persona in self.personas:
             try:
                 await self.engine.load_adapter(persona.name, persona.adapter)

@@ -4,19 +4,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .config import ConfigError, PersonaSpec, Settings, load_personas, load_settings, select
-
-if TYPE_CHECKING:
-    from .engine.base import Engine
+from .config import ConfigError, PersonaSpec, Settings, load_engine_config, load_personas, load_settings, select
+from .engine import Engine, create_engine
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -47,29 +46,14 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _config(personas_file: Path | None, names: list[str] | None) -> tuple[Settings, list[PersonaSpec]]:
+def _config(
+    personas_file: Path | None, names: list[str] | None
+) -> tuple[Settings, list[PersonaSpec], Callable[[], Engine]]:
+    """Settings, the selected personas, and the configured engine's factory: the engine is created later,
+    after the Discord logins are checked, off the event loop."""
     settings = load_settings()
-    return settings, select(load_personas(personas_file or settings.personas_file), names)
-
-
-def engine_factory(settings: Settings):
-    """Create the configured engine later (after the Discord logins are checked, off the event loop)."""
-
-    def create() -> Engine:
-        from .engine import create_engine
-
-        options = {"max_batch": settings.max_batch, "max_context": settings.max_context}
-        if settings.engine == "local":
-            options["prefix_cache_mb"] = settings.prefix_cache_mb
-            options["cuda_graphs"] = settings.cuda_graphs
-            options["fused_kernels"] = settings.fused_kernels
-        return create_engine(
-            settings.engine, base_model=settings.base_model, url=settings.openai_base_url,
-            api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
-            quantization=settings.quantization, **{k: v for k, v in options.items() if v is not None},
-        )
-
-    return create
+    personas = select(load_personas(personas_file or settings.personas_file), names)
+    return settings, personas, partial(create_engine, load_engine_config())
 
 
 @app.command()
@@ -77,8 +61,8 @@ def run(persona: Personas = None, personas_file: PersonasFile = None) -> None:
     """Connect every persona to Discord: one bot account per token, or webhooks on DISCORD_TOKEN's bot."""
     from .app import PersonaBot
 
-    async def serve(settings: Settings, personas: list[PersonaSpec]) -> None:
-        bot = PersonaBot(settings, personas, engine_factory(settings))
+    async def serve(settings: Settings, personas: list[PersonaSpec], engine: Callable[[], Engine]) -> None:
+        bot = PersonaBot(settings, personas, engine)
         try:
             await bot.run()
         finally:
@@ -97,5 +81,5 @@ def simulate(
     from .simulate import simulate as run_simulation
 
     with _errors(), suppress(KeyboardInterrupt):
-        settings, personas = _config(personas_file, persona)
-        asyncio.run(run_simulation(settings, personas, engine_factory(settings), port=port, console=console))
+        settings, personas, engine = _config(personas_file, persona)
+        asyncio.run(run_simulation(settings, personas, engine, port=port, console=console))

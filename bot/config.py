@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 import yaml
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .engine.config import EngineConfig
 
 try:
     import tomllib
@@ -27,24 +29,15 @@ def _id_list(value: object) -> object:
     return value
 
 
+_ENV = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
+
+
 class Settings(BaseSettings):
-    """Process-wide settings; every field is an environment variable of the same name in upper case."""
+    """Process-wide settings; every field is an environment variable of the same name in upper case. The
+    engine's own options are ``EngineConfig``'s (``load_engine_config``)."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
-                                      env_ignore_empty=True)
+    model_config = _ENV
 
-    engine: Literal["local", "openai"] = "local"
-    base_model: str | None = None
-    quantization: Literal["auto", "nf4", "none"] = "auto"
-    max_batch: int | None = Field(None, gt=0)
-    max_context: int | None = Field(None, gt=0)
-    prefix_cache_mb: int = Field(1024, ge=0, description="local engine: finished replies' KV kept for reuse")
-    cuda_graphs: bool = Field(True, description="local engine: replay decode steps as CUDA graphs on a GPU")
-    fused_kernels: bool | Literal["auto"] = Field(
-        "auto", description="local engine: Liger's fused kernels; auto = on a GPU with liger-kernel installed"
-    )
-    openai_base_url: str | None = None
-    openai_api_key: SecretStr | None = None
     personas_file: Path = Path("personas.yaml")
     discord_token: SecretStr | None = None
     adapters_dir: Path = Path("adapters")
@@ -62,12 +55,29 @@ class Settings(BaseSettings):
     _ids = field_validator("owner_ids", "command_guilds", mode="before")(_id_list)
 
 
+class _EngineEnv(BaseSettings, EngineConfig):
+    """``EngineConfig`` read from the environment and ``.env``, like ``Settings``."""
+
+    model_config = SettingsConfigDict(**_ENV, frozen=True)
+
+
 def load_settings() -> Settings:
     """Settings from the environment and ``.env``; a bad value is an error naming its variable."""
+    return _from_env(Settings)
+
+
+def load_engine_config() -> EngineConfig:
+    """The engine's options from the environment and ``.env``; a bad value is an error naming its variable."""
+    return _from_env(_EngineEnv)
+
+
+def _from_env(kind: type[BaseSettings]) -> Any:
     try:
-        return Settings()
+        return kind()
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a check across variables: its message names them
+            raise ConfigError(str(first["ctx"]["error"])) from exc
         raise ConfigError(f"{str(first['loc'][0]).upper()}={first.get('input')!r}: {first['msg']}") from exc
 
 

@@ -10,9 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
-
-from .persona import Sampling
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST = "persona.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -23,11 +21,42 @@ class BundleError(ValueError):
     """A bundle is missing, malformed or built for another base model; the message names the path."""
 
 
+class Sampling(BaseModel):
+    """Generation settings the bot uses for this persona."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0)
+    max_new_tokens: int = Field(200, ge=1)
+    stop: list[str] = []
+
+
 class LoraInfo(BaseModel):
     r: int
     alpha: int
     dropout: float
     target_modules: list[str] | str
+
+
+class TrainingSummary(BaseModel):
+    """How the adapter was trained, and enough to rebuild its held-out split for ``finetune eval``."""
+
+    steps: int
+    epochs: float
+    train_loss: float
+    quantization: str = Field(description="what the frozen base was trained in: nf4 or none (16-bit)")
+    fused_kernels: bool = Field(description="whether Liger's kernels were on")
+    attention: str
+    data: dict[str, int] = Field(description="data prep counts: conversations, examples, tokens, truncated")
+    persona: str = Field(description="absolute path of the persona data trained on")
+    seed: int
+    eval_fraction: float
+    max_seq_len: int
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
 
 
 class Manifest(BaseModel):
@@ -44,9 +73,14 @@ class Manifest(BaseModel):
     sampling: Sampling
     lora: LoraInfo
     data_hash: str
-    training: dict[str, Any] = {}
+    training: TrainingSummary | None = Field(None, description="None for bundles not made by `finetune train`")
     versions: dict[str, str] = {}
     created: str = ""
+
+    @field_validator("training", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None  # bundles written before the summary was typed stored {} when there was none
 
 
 def versions() -> dict[str, str]:

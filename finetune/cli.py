@@ -33,8 +33,6 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug 
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # offline, bitsandbytes cannot fetch its optional hub kernel for CPU NF4 and says so; its fallback is fine
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="bitsandbytes")
 

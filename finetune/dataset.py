@@ -8,7 +8,7 @@ from typing import Any
 from datasets import Dataset
 
 from .conversation import Conversation, DataError
-from .prompt import render, with_system_prompt
+from .prompt import render, stop_token_ids, with_system_prompt
 
 IGNORE = -100
 
@@ -20,14 +20,6 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
-
-
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
-    """Ids that end a reply: the tokenizer's EOS plus any extra EOS ids the model's generation config names."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    extra = getattr(generation_config, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    return ids
 
 
 def encode_conversation(

@@ -44,15 +44,14 @@ class EvalReport:
 
 def heldout(manifest: Manifest, data: str | Path | None = None) -> tuple[list[Conversation], list[str]]:
     """The eval split the bundle was trained without (same seed and fraction), and the persona's style checks."""
-    source = data or manifest.training.get("persona")
+    training = manifest.training
+    source = data or (training.persona if training else None)
     if not source:
         raise DataError("the bundle does not record its persona data; pass --data PERSONA_DIR")
     persona = load_persona(source)
-    if data is not None:
+    if data is not None or training is None:
         return persona.conversations, persona.style_checks
-    _, held = split_conversations(
-        persona.conversations, manifest.training.get("eval_fraction", 0.1), manifest.training.get("seed", 42)
-    )
+    _, held = split_conversations(persona.conversations, training.eval_fraction, training.seed)
     if not held:
         raise DataError(f"{source}: too few conversations for a held-out split; pass --data with other dialogue")
     return held, persona.style_checks
@@ -91,7 +90,7 @@ def evaluate_bundle(model: Any, tokenizer: Any, manifest: Manifest, data: str | 
     ``max_seq_len`` defaults to the one the bundle was trained with.
     """
     conversations, checks = heldout(manifest, data)
-    max_seq_len = max_seq_len or manifest.training.get("max_seq_len", 1024)
+    max_seq_len = max_seq_len or (manifest.training.max_seq_len if manifest.training else 1024)
     stats = DataStats()
     ds = tokenize(conversations, tokenizer, manifest.system_prompt, manifest.chat_template, max_seq_len, stats,
                   desc="Tokenizing held-out")

@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
-from .bundle import Manifest, check_compatible, load_manifest
-from .dataset import stop_token_ids
+from .bundle import Manifest, Sampling, check_compatible, load_manifest
 from .model import Quantization, fingerprint, load_model, load_tokenizer, resolve
-from .persona import Sampling
-from .prompt import encode_prompt
+from .prompt import encode_prompt, stop_token_ids
 
 
 def load_bundle_model(

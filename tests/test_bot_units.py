@@ -13,6 +13,7 @@ import pytest
 from fake_discord_harness import async_test
 
 from bot.config import ConfigError, Settings, load_personas, persona_token, select
+from bot.engine import EngineConfig
 from bot.conversation import render, window_start
 from bot.queues import ChannelQueues
 from bot.streaming import PLACEHOLDER, EditLimiter, ReplyStream, split_message
@@ -271,8 +272,7 @@ def test_env_example_documents_every_setting():
     lines = (Path(__file__).parents[1] / ".env.example").read_text(encoding="utf-8").splitlines()
     keys = {i: line.split("=", 1)[0] for i, line in enumerate(lines) if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", line)}
     shown = {key: i for i, key in keys.items()}
-    for field in Settings.model_fields:
-        key = field.upper()
+    for key in [f.upper() for f in [*Settings.model_fields, *EngineConfig.model_fields]]:
         assert key in shown, f"{key} is missing from .env.example"
         above = shown[key] - 1
         while above in keys:

@@ -15,16 +15,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bot.engine import kvbatch
-from bot.engine.adapters import linear_shapes, prepare_adapter
-from bot.engine.graphs import CudaGraphs, DecodeGraphs, Reruns
-from bot.engine.kvbatch import DecodeBatch, GrowingCache, GrowingLayer
-from bot.engine.local import LocalEngine
-from bot.engine.lora import LoraSlots
-from bot.engine.projections import fuse_projections
-from bot.engine.runtime import Runtime
+from bot.engine import EngineConfig
+from bot.engine.local import kvbatch
+from bot.engine.local.adapters import linear_shapes, prepare_adapter
+from bot.engine.local.graphs import CudaGraphs, DecodeGraphs, Reruns
+from bot.engine.local.kvbatch import DecodeBatch, GrowingCache, GrowingLayer
+from bot.engine.local.engine import LocalEngine
+from bot.engine.local.lora import LoraSlots
+from bot.engine.local.projections import fuse_projections
+from bot.engine.local.runtime import Runtime
 from engine_fixtures import make_bundle, run
-from finetune.persona import Sampling
+from finetune.bundle import Sampling
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
 JOINER = [30, 31, 32, 33, 34]
@@ -43,7 +44,7 @@ def bundles(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 def _runtime(model_dir: Path, bundles: dict[str, Path], dtype: torch.dtype = torch.float32
              ) -> tuple[Runtime, dict[str, int]]:
     """The tiny model where the engine would put it (CUDA if there is one), graphs off until a test sets them."""
-    rt = Runtime.load(str(model_dir), "none", dtype, cuda_graphs=False)
+    rt = Runtime.load(EngineConfig(base_model=str(model_dir), quantization="none", dtype=dtype, cuda_graphs=False))
     slots = {name: rt.add_adapter(prepare_adapter(name, bundles[name], rt.info)) for name in ("one", "two")}
     return rt, slots
 
@@ -284,7 +285,8 @@ async def _conversations(engine: LocalEngine, bundles: dict[str, Path]) -> list[
 
 def test_engine_with_graph_steps_writes_what_it_writes_without(tiny_model_dir, bundles):
     async def replies(graphs: bool) -> list[str]:
-        engine = LocalEngine(str(tiny_model_dir), quantization="none", dtype=torch.float32, cuda_graphs=False)
+        engine = LocalEngine(EngineConfig(base_model=str(tiny_model_dir), quantization="none", dtype=torch.float32,
+                                          cuda_graphs=False))
         rt = await engine._runtime()
         if graphs:
             rt.graphs = DecodeGraphs(rt.forward, lambda: rt.lora.version, Reruns())
@@ -302,7 +304,8 @@ def test_engine_with_graph_steps_writes_what_it_writes_without(tiny_model_dir, b
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_engine_with_cuda_graphs_writes_what_it_writes_without(tiny_model_dir, bundles):
     async def replies(graphs: bool) -> tuple[list[str], bool]:
-        engine = LocalEngine(str(tiny_model_dir), quantization="none", dtype=torch.float32, cuda_graphs=graphs)
+        engine = LocalEngine(EngineConfig(base_model=str(tiny_model_dir), quantization="none", dtype=torch.float32,
+                                          cuda_graphs=graphs))
         rt = await engine._runtime()
         try:
             return await _conversations(engine, bundles), rt.graphs is not None and rt.graphs.enabled

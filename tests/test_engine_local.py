@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bot.engine import EngineError, create_engine, runtime
-from bot.engine.local import LocalEngine
-from bot.engine.prefix import PrefixCache
+from bot.engine import EngineConfig, EngineError, create_engine
+from bot.engine.local import runtime
+from bot.engine.local.engine import LocalEngine
+from bot.engine.local.prefix import PrefixCache
 from engine_fixtures import make_bundle, run
-from finetune.bundle import load_manifest
+from finetune.bundle import Sampling, load_manifest
 from finetune.inference import sampling_kwargs
-from finetune.persona import Sampling
 from finetune.prompt import encode_prompt
 
 SAMPLING = Sampling(temperature=0.0, repetition_penalty=1.3, max_new_tokens=24)
@@ -41,7 +41,7 @@ def bundles(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def _engine(model_dir: Path, **kwargs) -> LocalEngine:
-    return LocalEngine(str(model_dir), quantization="none", dtype=torch.float32, **kwargs)
+    return LocalEngine(EngineConfig(base_model=str(model_dir), quantization="none", dtype=torch.float32, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_hot_reload_swaps_weights_while_a_running_reply_finishes_on_the_old(engi
         ref = await engine.complete("ref", HELLO, SAMPLING)
         finished = await running
         rt = await engine._runtime()
-        await _until(lambda: rt.lora.loaded == len(engine.adapters()))
+        await _until(lambda: rt.lora.loaded == len(engine._adapters))
         for name in ("hot", "ref"):
             await engine.unload_adapter(name)
         return before, after, ref, manifest, long_before, finished
@@ -328,7 +328,7 @@ def test_unload_lets_running_replies_finish_and_refuses_new_ones(engine, tiny_mo
             await engine.complete("gone", HELLO)
         finished = await running
         rt = await engine._runtime()
-        await _until(lambda: rt.lora.loaded == len(engine.adapters()))
+        await _until(lambda: rt.lora.loaded == len(engine._adapters))
         return expected, finished
 
     expected, finished = run(main())
@@ -390,7 +390,7 @@ def test_unknown_adapter_and_failed_base_load_are_clear_errors(engine, tmp_path)
         run(engine.complete("nobody", HELLO))
 
     async def broken():
-        eng = create_engine("local", base_model=str(tmp_path / "no-such-model"), quantization="none")
+        eng = create_engine(EngineConfig(base_model=str(tmp_path / "no-such-model"), quantization="none"))
         try:
             await eng.load_adapter("x", tmp_path)
         finally:
@@ -433,7 +433,7 @@ def test_nf4_base_serves_a_mixed_batch(tiny_model_dir, bundles):
     pytest.importorskip("bitsandbytes")
 
     async def main():
-        engine = LocalEngine(str(tiny_model_dir), quantization="nf4", dtype=torch.bfloat16)
+        engine = LocalEngine(EngineConfig(base_model=str(tiny_model_dir), quantization="nf4", dtype=torch.bfloat16))
         for name, path in bundles.items():
             await engine.load_adapter(name, path)
         rt = await engine._runtime()
@@ -481,7 +481,7 @@ def test_auto_serves_the_16_bit_base_when_it_fits(tiny_model_dir, monkeypatch, f
     """'auto' for serving: bf16 weights while they leave room for the KV cache, NF4 only when they would not."""
     pytest.importorskip("bitsandbytes")
     monkeypatch.setattr(runtime, "free_memory", lambda: int(free_gib * 2**30))
-    rt = runtime.Runtime.load(str(tiny_model_dir), "auto", torch.bfloat16)
+    rt = runtime.Runtime.load(EngineConfig(base_model=str(tiny_model_dir), dtype=torch.bfloat16))
     assert rt.model.personabot_quantization == expected
 
 
@@ -490,7 +490,7 @@ def test_auto_serves_the_16_bit_base_when_it_fits(tiny_model_dir, monkeypatch, f
 @pytest.mark.parametrize("quantization, dtype", [("none", torch.float32), ("nf4", torch.bfloat16)])
 def test_gpu_mixed_batch(tiny_model_dir, bundles, quantization, dtype):
     async def main():
-        engine = LocalEngine(str(tiny_model_dir), quantization=quantization, dtype=dtype)
+        engine = LocalEngine(EngineConfig(base_model=str(tiny_model_dir), quantization=quantization, dtype=dtype))
         for name, path in bundles.items():
             await engine.load_adapter(name, path)
         jobs = [("one", HELLO), ("two", STORM), ("one", STORM), ("two", HELLO)]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bot.engine import EngineError, create_engine
+from bot.engine import EngineConfig, EngineError, create_engine
 from bot.engine.openai import OpenAIEngine
 from engine_fixtures import make_bundle, run
-from finetune.persona import Sampling
+from finetune.bundle import Sampling
 
 PIECES = ["Arr", ", the ", "tide ", "be ", "turnin'", " 🌊"]
 HELLO = [{"role": "user", "content": "hello"}]
@@ -80,12 +80,17 @@ def bundle(tiny_model_dir, tmp_path_factory) -> Path:
                        sampling=sampling, system_prompt="You are Brine.")
 
 
+def openai(url: str, **options) -> EngineConfig:
+    return EngineConfig(engine="openai", openai_base_url=url, **options)
+
+
 def _with_server(test, bundle: Path, **engine_kwargs):
     """Run ``test(engine, server)`` with a fresh server and an engine that has 'brine' loaded."""
     async def main():
         server = FakeServer()
         runner = await _serve(server)
-        engine = OpenAIEngine(server.url, **{"api_key": "sk-test", "backoff_s": 0.01, **engine_kwargs})
+        engine = OpenAIEngine(openai(server.url, **{"openai_api_key": "sk-test", "request_backoff_s": 0.01,
+                                                   **engine_kwargs}))
         try:
             await engine.load_adapter("brine", bundle)
             return await test(engine, server)
@@ -128,7 +133,7 @@ def test_gives_up_with_the_url_model_and_status(bundle):
             await engine.complete("brine", HELLO)
         return str(info.value), len(server.requests), server.url
 
-    error, attempts, url = _with_server(test, bundle, retries=2)
+    error, attempts, url = _with_server(test, bundle, request_retries=2)
     assert attempts == 3
     assert error == (f"{url}/chat/completions (model 'brine'): HTTP 503: simulated 503 "
                      "(gave up after 3 attempts)")
@@ -172,8 +177,7 @@ def test_unreachable_server_is_retried_then_named(bundle):
         port = s.getsockname()[1]
 
     async def main():
-        engine = create_engine("openai", url=f"http://127.0.0.1:{port}/v1")
-        engine._backoff_s = 0.01
+        engine = create_engine(openai(f"http://127.0.0.1:{port}/v1", request_backoff_s=0.01))
         await engine.load_adapter("brine", bundle)
         try:
             with pytest.raises(EngineError) as info:
@@ -208,7 +212,7 @@ def test_cancelling_the_consumer_closes_the_stream(bundle):
 
 def test_bundles_for_another_base_are_refused_and_history_is_trimmed(bundle, tiny_model_dir):
     async def main():
-        other = OpenAIEngine("http://127.0.0.1:9/v1", base_model="meta-llama/Llama-3.1-8B-Instruct")
+        other = OpenAIEngine(openai("http://127.0.0.1:9/v1", base_model="meta-llama/Llama-3.1-8B-Instruct"))
         with pytest.raises(EngineError, match=r"trained on base model 'model', but http://127.0.0.1:9/v1 serves"):
             await other.load_adapter("brine", bundle)
         await other.close()

@@ -6,13 +6,12 @@ import torch
 
 from bot.engine import EngineError
 from bot.engine.context import fit_messages, prompt_budget
-from bot.engine import kvbatch
-from bot.engine.kvbatch import GROW, DecodeBatch, GrowingCache, GrowingLayer
-from bot.engine.lora import LoraSlots
-from bot.engine.sampling import batch_params, next_tokens
-from bot.engine.text import IncrementalDecoder, ReplyText, StopFilter
-from finetune.bundle import LoraInfo, Manifest
-from finetune.persona import Sampling
+from bot.engine.local import kvbatch
+from bot.engine.local.kvbatch import GROW, DecodeBatch, GrowingCache, GrowingLayer
+from bot.engine.local.lora import LoraSlots
+from bot.engine.local.sampling import batch_params, next_tokens
+from bot.engine.local.detokenize import IncrementalDecoder, ReplyText, StopFilter
+from finetune.bundle import LoraInfo, Manifest, Sampling
 from finetune.prompt import encode_prompt
 
 MULTIBYTE = "héllo 日本語 🎉 ok"

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.engine.local import LocalEngine
-from bot.engine.prefix import MIN_REUSE, PrefixCache
+from bot.engine import EngineConfig
+from bot.engine.local.engine import LocalEngine
+from bot.engine.local.prefix import MIN_REUSE, PrefixCache
 from engine_fixtures import make_bundle, run
-from finetune.persona import Sampling
+from finetune.bundle import Sampling
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
 FIRST = [{"role": "user", "content": "tell me about the storm and the tide and the old salt on the boat"}]
@@ -23,7 +24,8 @@ def bundles(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 def _engine(model_dir: Path, cache_mb: int) -> LocalEngine:
-    return LocalEngine(str(model_dir), quantization="none", dtype=torch.float32, prefix_cache_mb=cache_mb)
+    return LocalEngine(EngineConfig(base_model=str(model_dir), quantization="none", dtype=torch.float32,
+                                    prefix_cache_mb=cache_mb))
 
 
 async def _conversation(engine: LocalEngine, adapter: str) -> list[str]:

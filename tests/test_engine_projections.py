@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bot.engine.adapters import linear_shapes, prepare_adapter
-from bot.engine.kvbatch import DecodeBatch
-from bot.engine.lora import LoraSlots
-from bot.engine.projections import FusedLinear, Part, fuse_projections
-from bot.engine.runtime import Runtime
+from bot.engine import EngineConfig
+from bot.engine.local.adapters import linear_shapes, prepare_adapter
+from bot.engine.local.kvbatch import DecodeBatch
+from bot.engine.local.lora import LoraSlots
+from bot.engine.local.projections import FusedLinear, Part, fuse_projections
+from bot.engine.local.runtime import Runtime
 from engine_fixtures import make_bundle
 
 
@@ -132,6 +133,11 @@ def test_lora_on_a_fused_layer_adds_each_parts_adapter_and_survives_growth():
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def local(model_dir, dtype: torch.dtype) -> EngineConfig:
+    """The tiny model in 16 bits or fp32, eager decode steps."""
+    return EngineConfig(base_model=str(model_dir), quantization="none", dtype=dtype, cuda_graphs=False)
+
+
 @pytest.fixture(scope="module")
 def bundles(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("projection-bundles")
@@ -141,8 +147,7 @@ def bundles(tiny_model_dir, tmp_path_factory):
 
 def test_a_fused_runtime_decodes_as_the_separate_layers_do(tiny_model_dir, bundles):
     """bf16 (where the runtime fuses on a CPU): a batch mixing two adapters and none, then one adapter alone."""
-    runtimes = [Runtime.load(str(tiny_model_dir), "none", torch.bfloat16, cuda_graphs=False, fused_projections=f)
-                for f in (True, False)]
+    runtimes = [Runtime.load(local(tiny_model_dir, torch.bfloat16), fused_projections=f) for f in (True, False)]
     assert [len(rt.projections) for rt in runtimes] == [2 * runtimes[0].model.config.num_hidden_layers, 0]
     slots = [[rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles] for rt in runtimes]
     assert slots[0] == slots[1]
@@ -160,8 +165,8 @@ def test_a_fused_runtime_decodes_as_the_separate_layers_do(tiny_model_dir, bundl
 
 
 def test_fp32_on_a_cpu_keeps_separate_layers_and_a_failed_forward_leaves_nothing_held(tiny_model_dir):
-    assert Runtime.load(str(tiny_model_dir), "none", torch.float32, cuda_graphs=False).projections == []
-    rt = Runtime.load(str(tiny_model_dir), "none", torch.bfloat16, cuda_graphs=False)
+    assert Runtime.load(local(tiny_model_dir, torch.float32)).projections == []
+    rt = Runtime.load(local(tiny_model_dir, torch.bfloat16))
     attention = rt.model.model.layers[1].self_attn
 
     def fail(*_):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from finetune.conversation import DataError
-from finetune.persona import Sampling, load_persona
+from finetune.bundle import Sampling
+from finetune.persona import load_persona
 from finetune.readers.card import write_card_png
 
 CARD = {

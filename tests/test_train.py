@@ -34,7 +34,7 @@ def test_train_writes_a_bundle_that_learned_the_persona(tiny_persona, tiny_model
     assert manifest.base_model == "model" and manifest.base_fingerprint["hidden_size"] == 64
     assert manifest.chat_template.startswith("{% for message in messages %}")
     assert manifest.sampling.max_new_tokens == 12
-    assert manifest.training["steps"] > 0 and len(manifest.data_hash) == 64
+    assert manifest.training.steps > 0 and len(manifest.data_hash) == 64
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     wrapped = {name.rsplit(".", 1)[-1] for name in adapter_cfg["target_modules"]}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -69,7 +69,7 @@ def test_resume_after_interrupted_run(tiny_persona, tiny_model_dir, tmp_path):
     assert (cfg.checkpoints / "checkpoint-5").is_dir()
     train(cfg, resume=True)
     training = load_manifest(out).training
-    assert training["steps"] == 10
+    assert training.steps == 10
     state = json.loads((cfg.checkpoints / "checkpoint-10" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e][:1] == [1]  # history carried over
 
@@ -153,7 +153,7 @@ def test_nf4_qlora_path_on_cpu(tiny_persona, tiny_model_dir, tmp_path):
     assert seen.checkpointing
     assert seen.trainable == {torch.float32} and torch.float32 not in seen.frozen  # no fp32 upcast of frozen weights
     manifest = load_manifest(out)
-    assert manifest.training["quantization"] == "nf4"
+    assert manifest.training.quantization == "nf4"
     from safetensors.torch import load_file
 
     lora_b = [w for name, w in load_file(out / "adapter_model.safetensors").items() if "lora_B" in name]
@@ -200,7 +200,7 @@ def test_train_from_a_png_character_card(tiny_model_dir, tmp_path):
     manifest = load_manifest(out)
     assert manifest.name == "Brine"
     assert "Brine keeps a lighthouse." in manifest.system_prompt and "gruff" in manifest.system_prompt
-    assert manifest.training["data"]["conversations"] == 13  # 11 examples + 2 greetings
+    assert manifest.training.data["conversations"] == 13  # 11 examples + 2 greetings
 
 
 @pytest.mark.gpu
@@ -210,8 +210,8 @@ def test_qlora_on_cuda(tiny_persona, tiny_model_dir, tmp_path):
     train(_config(tiny_persona, tiny_model_dir, out, "quantization=nf4", "train.max_steps=3",
                   "train.gradient_checkpointing=true"))
     training = load_manifest(out).training
-    assert training["quantization"] == "nf4"
-    assert training["fused_kernels"] is (importlib.util.find_spec("liger_kernel") is not None)
+    assert training.quantization == "nf4"
+    assert training.fused_kernels is (importlib.util.find_spec("liger_kernel") is not None)
     model, tok, manifest = load_bundle_model(out, "nf4")
     assert model.device.type == "cuda"
     assert isinstance(reply(model, tok, manifest, [{"role": "user", "content": "hi"}]), str)

@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from finetune.bundle import Manifest
-from finetune.persona import Sampling
+from finetune.bundle import Manifest, Sampling
 
 
 class EngineError(RuntimeError):
@@ -45,10 +44,6 @@ class Engine(ABC):
     async def reload_adapter(self, name: str) -> Manifest:
         """Re-read adapter ``name`` from the bundle folder it was loaded from."""
         return await self.load_adapter(name, self.bundle_dir(name))
-
-    def adapters(self) -> list[str]:
-        """Names of the loaded adapters."""
-        return sorted(self._adapters)
 
     def manifest(self, name: str) -> Manifest:
         """The manifest of loaded adapter ``name`` (system prompt, sampling defaults, chat template)."""

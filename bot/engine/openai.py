@@ -23,11 +23,11 @@ from typing import Any
 
 import aiohttp
 
-from finetune.bundle import BundleError, Manifest, load_manifest
-from finetune.persona import Sampling
+from finetune.bundle import BundleError, Manifest, Sampling, load_manifest
 from finetune.prompt import with_system_prompt
 
 from .base import Engine, EngineError
+from .config import EngineConfig
 from .context import fit_messages, prompt_budget
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -48,29 +48,21 @@ class _Retryable(Exception):
 
 
 class OpenAIEngine(Engine):
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        base_model: str | None = None,
-        max_context: int | None = None,
-        retries: int = 4,
-        backoff_s: float = 0.5,
-        connect_timeout_s: float = 10.0,
-        read_timeout_s: float = 120.0,
-    ) -> None:
-        """``url``: the API root including ``/v1`` (e.g. ``http://127.0.0.1:8000/v1``). ``base_model``: when
-        given, bundles trained on another base are refused. ``read_timeout_s``: longest silence allowed
-        while waiting for the first or the next piece."""
-        self.url = url.rstrip("/")
+    def __init__(self, config: EngineConfig) -> None:
+        """The options are ``EngineConfig``'s openai ones: ``openai_base_url`` is the API root including
+        ``/v1``; with ``base_model`` set, bundles trained on another base are refused."""
+        assert config.openai_base_url, "EngineConfig requires openai_base_url for engine 'openai'"
+        self.url = config.openai_base_url.rstrip("/")
         self._endpoint = f"{self.url}/chat/completions"
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._base_model = base_model
-        self._max_context = max_context
-        self._retries = retries
-        self._backoff_s = backoff_s
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
-        self._read_timeout_s = read_timeout_s
+        key = config.openai_api_key.get_secret_value() if config.openai_api_key else None
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._base_model = config.base_model
+        self._max_context = config.max_context
+        self._retries = config.request_retries
+        self._backoff_s = config.request_backoff_s
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
+                                              sock_read=config.read_timeout_s)
+        self._read_timeout_s = config.read_timeout_s
         super().__init__()
         self._adapters: dict[str, _Loaded] = {}
         self._session: aiohttp.ClientSession | None = None

@@ -16,19 +16,17 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-import torch
-
-from finetune.bundle import Manifest
-from finetune.model import EMBEDDED_DEFAULT, Quantization
-from finetune.persona import Sampling
+from finetune.bundle import Manifest, Sampling
+from finetune.model import EMBEDDED_DEFAULT
 
 from .adapters import prepare_adapter
-from .base import Engine, EngineError
-from .context import fit_messages, prompt_budget
+from ..base import Engine, EngineError
+from ..config import EngineConfig
+from ..context import fit_messages, prompt_budget
 from .runtime import Runtime
-from .scheduler import DONE, Request, Scheduler, Sink
+from .scheduler import DONE, ReplyQueue, Request, Scheduler
 
 
 T = TypeVar("T")
@@ -42,29 +40,14 @@ class _Loaded:
 
 
 class LocalEngine(Engine):
-    def __init__(
-        self,
-        base_model: str = EMBEDDED_DEFAULT,
-        quantization: Quantization = "auto",
-        dtype: torch.dtype | None = None,
-        max_batch: int = 8,
-        max_context: int | None = None,
-        prefix_cache_mb: int = 1024,
-        cuda_graphs: bool = True,
-        fused_kernels: bool | Literal["auto"] = "auto",
-    ) -> None:
-        """``max_batch``: requests decoded together (more wait for a slot). ``max_context``: prompt + reply
-        tokens per request; default and upper bound: the model's ``max_position_embeddings``.
-        ``prefix_cache_mb``: memory for finished replies' KV, reused by prompts that continue them (0: off).
-        ``cuda_graphs``: on a CUDA device, replay decode steps as CUDA graphs (see ``graphs``).
-        ``fused_kernels``: Liger's fused kernels in the model ('auto': on a GPU when installed; see ``fused``)."""
-        self._base_model = base_model
-        self._max_context = max_context
+    def __init__(self, config: EngineConfig) -> None:
+        """The options are ``EngineConfig``'s local ones; ``max_context`` is capped by the model's own
+        ``max_position_embeddings``."""
+        self._base_model = config.base_model or EMBEDDED_DEFAULT
+        self._max_context = config.max_context
         super().__init__()
         self._adapters: dict[str, _Loaded] = {}
-        cache_bytes = prefix_cache_mb * 2**20
-        self._scheduler = Scheduler(
-            lambda: Runtime.load(base_model, quantization, dtype, cache_bytes, cuda_graphs, fused_kernels), max_batch)
+        self._scheduler = Scheduler(lambda: Runtime.load(config), config.max_batch)
 
     @property
     def active_requests(self) -> int:
@@ -111,10 +94,10 @@ class LocalEngine(Engine):
             _, prompt = await asyncio.to_thread(fit_messages, rt.tokenizer, entry.manifest, messages, budget, adapter)
             if self._adapters.get(adapter) is entry:  # else it was reloaded meanwhile: render with the new one
                 break
-        request = Request(adapter, entry.slot, prompt, params, Sink())
+        request = Request(adapter, entry.slot, prompt, params, ReplyQueue())
         self._scheduler.submit(request)
         try:
-            while (item := await request.sink.queue.get()) is not DONE:
+            while (item := await request.out.queue.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item

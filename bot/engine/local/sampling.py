@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from finetune.persona import Sampling
+from finetune.bundle import Sampling
 
 
 def batch_params(settings: Sequence[Sampling], device: torch.device) -> dict[str, torch.Tensor]:

@@ -36,14 +36,14 @@ from typing import Any
 
 import torch
 
-from finetune.persona import Sampling
+from finetune.bundle import Sampling
 
-from .base import EngineError
+from ..base import EngineError
 from .kvbatch import DecodeBatch
 from .prefix import KV
 from .runtime import Runtime
+from .detokenize import ReplyText
 from .sampling import batch_params, next_tokens, seen_tokens
-from .text import ReplyText
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ DONE = object()
 """Queue item that ends a reply."""
 
 
-class Sink:
+class ReplyQueue:
     """Where one request's pieces go: an asyncio.Queue on the consumer's event loop."""
 
     def __init__(self) -> None:
@@ -67,7 +67,7 @@ class Request:
     """the LoRA slot that serves it (a reload fills a new slot; this one stays until the request ends)"""
     prompt: list[int]
     sampling: Sampling
-    sink: Sink
+    out: ReplyQueue
     cancelled: bool = False
     """set from the consumer's side; the worker drops the request before its next step"""
     tokens: list[int] = field(default_factory=list)
@@ -86,7 +86,7 @@ class _Outbox:
         self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = defaultdict(list)
 
     def put(self, request: Request, item: Any) -> None:
-        self._items[request.sink.loop].append((request.sink.queue, item))
+        self._items[request.out.loop].append((request.out.queue, item))
 
     def flush(self) -> None:
         for loop, items in self._items.items():

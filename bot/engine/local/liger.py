@@ -20,7 +20,7 @@ import torch
 
 from finetune.model import liger_unavailable
 
-from .base import EngineError
+from ..base import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ CHECK_TEXT = "The storm had passed, and the old captain climbed back on deck to 
 """What the check runs: ordinary text (an odd id sequence can make even bf16 rounding move the logits by 20%)."""
 
 
-def fuse(model: Any, setting: bool | Literal["auto"], tokenizer: Any) -> bool:
+def apply_liger(model: Any, setting: bool | Literal["auto"], tokenizer: Any) -> bool:
     """Put the fused kernels in ``model`` per the ``FUSED_KERNELS`` setting; True if they are on.
 
     'auto': where they run (CUDA, liger-kernel installed) and pass the check, else the model stays as it is.

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from bot.engine import EngineError
-from bot.engine.fused import CHECK_TEXT, apply_checked, fuse
-from bot.engine.runtime import Runtime
+from bot.engine import EngineConfig, EngineError
+from bot.engine.local.liger import CHECK_TEXT, apply_checked, apply_liger
+from bot.engine.local.runtime import Runtime
 from finetune.model import EMBEDDED_DEFAULT, load_model, load_tokenizer, resolve
 
 
@@ -107,7 +107,7 @@ import sys
 import torch
 from liger_kernel.transformers import apply_liger_kernel_to_llama
 from transformers.models.llama import modeling_llama
-from bot.engine.fused import CHECK_TEXT, apply_checked, liger_patch
+from bot.engine.local.liger import CHECK_TEXT, apply_checked, liger_patch
 from finetune.model import load_model, load_tokenizer, resolve
 
 ref = resolve(sys.argv[1])
@@ -146,9 +146,9 @@ def test_liger_under_tritons_cpu_interpreter_is_undone_when_it_fails_and_kept_wh
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA does")
 def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear_error(model, tiny_tokenizer):
     instance_attrs = attributes(model)
-    assert fuse(model, "auto", tiny_tokenizer) is False and fuse(model, False, tiny_tokenizer) is False
+    assert apply_liger(model, "auto", tiny_tokenizer) is False and apply_liger(model, False, tiny_tokenizer) is False
     with pytest.raises(EngineError, match="FUSED_KERNELS=true needs"):
-        fuse(model, True, tiny_tokenizer)
+        apply_liger(model, True, tiny_tokenizer)
     assert attributes(model) == instance_attrs
 
 
@@ -157,6 +157,6 @@ def test_without_cuda_auto_leaves_the_model_alone_and_asking_for_them_is_a_clear
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_liger_kernels_pass_their_check_in_the_served_model(tiny_model_dir, dtype):
     pytest.importorskip("liger_kernel")
-    runtime = Runtime.load(str(tiny_model_dir), "none", dtype, fused_kernels=True)
+    runtime = Runtime.load(EngineConfig(base_model=str(tiny_model_dir), quantization="none", dtype=dtype, fused_kernels=True))
     assert runtime.fused_kernels
     assert any(type(m).__name__ == "LlamaRMSNorm" and "forward" in vars(m) for m in runtime.model.modules())

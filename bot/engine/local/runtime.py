@@ -14,15 +14,16 @@ from typing import Any, Literal
 
 import torch
 
-from finetune.dataset import stop_token_ids
 from finetune.model import (
-    BaseModelRef, Quantization, compute_dtype, fingerprint, load_model, load_tokenizer, materialize, resolve,
+    EMBEDDED_DEFAULT, BaseModelRef, compute_dtype, fingerprint, load_model, load_tokenizer, materialize, resolve,
 )
+from finetune.prompt import stop_token_ids
 
+from ..config import EngineConfig
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
-from .fused import fuse
 from .graphs import CudaGraphs, DecodeGraphs
 from .kvbatch import DecodeBatch
+from .liger import apply_liger
 from .lora import LoraSlots
 from .prefix import PrefixCache
 from .projections import FusedLinear, fuse_projections
@@ -56,19 +57,18 @@ class Runtime:
             self.graphs = DecodeGraphs(self.forward, lambda: self.lora.version, CudaGraphs())
 
     @classmethod
-    def load(
-        cls, base_model: str, quantization: Quantization, dtype: torch.dtype | None, prefix_cache_bytes: int = 0,
-        cuda_graphs: bool = True, fused_kernels: bool | Literal["auto"] = "auto", fused_projections: bool = True,
-    ) -> Runtime:
-        """``fused_projections``: q/k/v and gate/up as one matmul each where that is faster (``projections``;
-        off only to compare)."""
-        ref = resolve(base_model)
+    def load(cls, config: EngineConfig, fused_projections: bool = True) -> Runtime:
+        """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
+        matmul each where that is faster (``projections``; off only to compare)."""
+        dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        quantization, fused_kernels = config.quantization, config.fused_kernels
+        ref = resolve(config.base_model or EMBEDDED_DEFAULT)
         tokenizer = load_tokenizer(ref)
         if quantization == "auto":
             quantization = serving_quantization(ref, dtype or compute_dtype())
         model = load_model(ref, quantization, dtype)
         model.eval()
-        fused = fuse(model, fused_kernels, tokenizer)
+        fused = apply_liger(model, fused_kernels, tokenizer)
         lora_dtype = model.get_input_embeddings().weight.dtype  # the compute dtype (NF4 keeps embeddings in it)
         # fp32 on a CPU: MKL's small-batch fp32 matmuls ran slower on the wider fused weights (0.91x per step
         # at batch 8); 16-bit ones ran faster (1.05x); a GPU gains in any dtype (fewer kernels)
@@ -80,7 +80,7 @@ class Runtime:
             # rank-16 matmuls take ~20 us in bf16 on a CPU and 2-3 us in fp32: 11% faster decode at batch 1
             lora_dtype = torch.float32
         info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, lora_dtype)
-        return cls(model, tokenizer, info, prefix_cache_bytes, cuda_graphs, fused, projections)
+        return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections)
 
     def add_adapter(self, adapter: PreparedAdapter) -> int:
         """Put the adapter's weights in a free slot; returns the slot requests name it by."""

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from finetune.bundle import ADAPTER_FILES, BundleError, Manifest, check_compatible, load_manifest
 
-from .base import EngineError
+from ..base import EngineError
 from .lora import LoraWeights
 from .projections import Part
 

@@ -1,0 +1,11 @@
+"""The embedded engine: one base model in this process decodes every persona's replies in one batch.
+
+``engine`` is the ``Engine`` implementation; ``scheduler`` batches requests on the worker thread that owns
+the model (``runtime``); ``adapters`` checks bundles and ``lora`` serves them as per-row LoRA slots;
+``kvbatch``, ``prefix`` and ``graphs`` keep decode steps cheap; ``projections`` fuses q/k/v and gate/up
+matmuls; ``liger`` puts Liger's fused kernels in the model on a GPU; ``sampling`` and ``detokenize`` turn
+logits into streamed text.
+"""
+from .engine import LocalEngine
+
+__all__ = ["LocalEngine"]
