@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from cards import write_card_png
 
 from finetune.conversation import DataError
 from finetune.persona import Sampling, load_persona
-from finetune.readers.card import write_card_png
 
 CARD = {
     "spec": "chara_card_v2",

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from cards import write_card_png
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from finetune.conversation import DataError
 from finetune.readers import infer_format, read_source
-from finetune.readers.card import card_conversations, read_card, write_card_png
-from finetune.readers.discord_export import read_discord_export
+from finetune.readers.card import card_conversations, read_card
+from finetune.readers.discord_export import DiscordOptions, read_discord_export
 from finetune.readers.jsonl import read_jsonl
 from finetune.readers.script import read_script
 from finetune.readers.sharegpt import read_sharegpt
@@ -391,7 +392,7 @@ def test_discord_splits_at_gaps_and_matches_author(tmp_path: Path, character: st
 
 
 def test_discord_gap_is_a_parameter(tmp_path: Path) -> None:
-    result = read_discord_export(discord_export(tmp_path), "Brine", gap_minutes=5)
+    result = read_discord_export(discord_export(tmp_path), "Brine", DiscordOptions(gap_minutes=5))
     assert [c.messages[-1] for c in result.conversations] == [
         bot("Arr, @sam99 and <@9>.\nWhat now?"),
         bot("Ahoy."),

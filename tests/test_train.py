@@ -183,7 +183,7 @@ def test_bundle_for_another_base_is_refused(tiny_persona, tiny_model_dir, tmp_pa
 
 
 def test_train_from_a_png_character_card(tiny_model_dir, tmp_path):
-    from finetune.readers.card import write_card_png
+    from cards import write_card_png
 
     examples = "\n".join(
         f"<START>\n{{{{user}}}}: what about the {w}?\n{{{{char}}}}: Arr, the {w} be fine, lad." for w in
