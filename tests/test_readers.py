@@ -216,7 +216,8 @@ def test_card_png_round_trip(tmp_path: Path, keyword: str) -> None:
         assert keyword in image.text
     card = read_card(path)
     assert (card.name, card.system_prompt) == ("Brine", DEFAULT_PROMPT)
-    assert len(read_source(path).conversations) == 4
+    result = read_source(path)
+    assert (len(result.conversations), result.system_prompt) == (4, DEFAULT_PROMPT)
 
 
 def test_card_png_prefers_ccv3_and_reads_compressed_chunks(tmp_path: Path) -> None:
@@ -418,6 +419,7 @@ def test_format_sniffing(tmp_path: Path) -> None:
     assert infer_format(discord_export(tmp_path)) == "discord"
     assert infer_format(write_json(tmp_path / "sg.json", [{"conversations": []}])) == "sharegpt"
     assert infer_format(write_json(tmp_path / "m.json", [{"messages": []}])) == "jsonl"
+    assert infer_format(write_json(tmp_path / "both.json", [{"messages": [], "conversations": []}])) == "sharegpt"
     with pytest.raises(DataError, match="cannot tell what kind of JSON"):
         infer_format(write_json(tmp_path / "odd.json", {"hello": 1}))
     with pytest.raises(DataError, match=r"extension '\.csv'; set format to one of: jsonl, sharegpt, card"):
