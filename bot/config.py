@@ -10,6 +10,8 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from finetune.validation import describe
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -67,8 +69,8 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{str(first['loc'][0]).upper()}={first.get('input')!r}: {first['msg']}") from exc
+        shown = describe(exc, label=lambda name, error: f"{name.upper()}={error.get('input')!r}")
+        raise ConfigError(shown) from exc
 
 
 class Rules(BaseModel):
@@ -128,9 +130,7 @@ def load_personas(path: str | Path) -> list[PersonaSpec]:
     try:
         personas = _PersonasFile.model_validate(data or {}).personas
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: field '{where}': {first['msg']}") from exc
+        raise ConfigError(f"{path}: {describe(exc)}") from exc
     seen: set[str] = set()
     for persona in personas:
         if persona.name.lower() in seen:

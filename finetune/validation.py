@@ -26,11 +26,13 @@ def _field(path: str, error: ErrorDetails) -> str:
 
 
 def describe(exc: ValidationError, within: Sequence[int | str] = (), label: Label = _field) -> str:
-    """Every error as "field 'sources[0].path': msg", joined by "; ".
+    """Every error as "field 'sources[0].path': msg", joined by "; " (a check of the whole model: just msg).
 
     ``within`` is where the validated data sits in its file, for a part validated on its own (a source's
     reader options); ``label`` replaces "field '...'" where the user knows the setting by another name.
     """
-    return "; ".join(
-        f"{label(field_path((*within, *error['loc'])), error)}: {error['msg']}" for error in exc.errors()
-    )
+    parts = []
+    for error in exc.errors():
+        path = field_path((*within, *error["loc"]))
+        parts.append(f"{label(path, error)}: {error['msg']}" if path else error["msg"])
+    return "; ".join(parts)
