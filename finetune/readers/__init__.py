@@ -89,11 +89,7 @@ def read_source(
     reader = READERS[kind]
     if reader.needs_character and not (character and character.strip()):
         raise DataError(f"{path}: {kind} files hold many speakers; set 'character' to the one who is the character")
-    if options is None:
-        options = reader.options()
-    elif not isinstance(options, reader.options):
-        raise TypeError(f"{kind} takes {reader.options.__name__}, not {type(options).__name__}")
-    return reader.read(path, character or "", options)
+    return reader.read(path, character or "", reader.options() if options is None else options)
 
 
 def infer_format(path: str | Path) -> str:
