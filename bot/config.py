@@ -10,6 +10,8 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from finetune.validation import describe
+
 from .engine.config import EngineConfig
 
 try:
@@ -75,10 +77,8 @@ def _from_env(kind: type[BaseSettings]) -> Any:
     try:
         return kind()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        if not first["loc"]:  # a check across variables: its message names them
-            raise ConfigError(str(first["ctx"]["error"])) from exc
-        raise ConfigError(f"{str(first['loc'][0]).upper()}={first.get('input')!r}: {first['msg']}") from exc
+        shown = describe(exc, label=lambda name, error: f"{name.upper()}={error.get('input')!r}")
+        raise ConfigError(shown) from exc
 
 
 class Rules(BaseModel):
@@ -138,9 +138,7 @@ def load_personas(path: str | Path) -> list[PersonaSpec]:
     try:
         personas = _PersonasFile.model_validate(data or {}).personas
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: field '{where}': {first['msg']}") from exc
+        raise ConfigError(f"{path}: {describe(exc)}") from exc
     seen: set[str] = set()
     for persona in personas:
         if persona.name.lower() in seen:

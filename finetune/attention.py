@@ -21,7 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .conversation import DataError
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def packed_attention(setting: bool | Literal["auto"]) -> str:
     found = torch_varlen() if torch.cuda.is_available() else None
     if found is None:
         if setting is True:
-            raise DataError("train.varlen_attention: true needs a CUDA GPU and torch >= 2.9 "
-                             "(torch.nn.attention.varlen)")
+            raise ConfigError("train.varlen_attention: true needs a CUDA GPU and torch >= 2.9 "
+                              "(torch.nn.attention.varlen)")
         return "sdpa"
     try:
         error = check_kernel(found, torch.device("cuda"), torch.bfloat16)
@@ -94,7 +94,7 @@ def packed_attention(setting: bool | Literal["auto"]) -> str:
         reason = f"max error {error:.3g} against SDPA"
     if error > 0.02:
         if setting is True:
-            raise DataError(f"train.varlen_attention: true, but varlen attention fails its check here: {reason}")
+            raise ConfigError(f"train.varlen_attention: true, but varlen attention fails its check here: {reason}")
         log.warning("varlen attention failed its check (%s); packed rows use SDPA with a block mask", reason)
         return "sdpa"
     kernel = found

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .validation import describe
+
 MANIFEST = "persona.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FORMAT_VERSION = 1
@@ -155,9 +157,7 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{path}: field '{field}': {first['msg']}") from exc
+        raise BundleError(f"{path}: {describe(exc)}") from exc
     if manifest.format_version > FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {manifest.format_version} is newer than this personabot")
     return manifest

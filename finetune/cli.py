@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .bundle import BundleError
+from .config import ConfigError
 from .conversation import DataError
 from .model import ModelError
 
@@ -42,7 +43,7 @@ def _errors() -> Iterator[None]:
     """Known input errors become one clear line and exit code 2; anything else keeps its traceback."""
     try:
         yield
-    except (DataError, ModelError, BundleError) as exc:
+    except (ConfigError, DataError, ModelError, BundleError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -56,7 +57,7 @@ def _recipe(config: str) -> Path:
     if builtin.is_file():
         return builtin
     names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-    raise DataError(f"{config}: no such config file or built-in recipe ({names})")
+    raise ConfigError(f"{config}: no such config file or built-in recipe ({names})")
 
 
 @app.command()

@@ -7,7 +7,12 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .conversation import DataError
+from .validation import describe
+
+
+class ConfigError(ValueError):
+    """A training setting that is wrong or cannot run here: the recipe YAML, a --set override, --resume, or a
+    setting this machine lacks the hardware or packages for. The message names the file or the setting."""
 
 
 class _Strict(BaseModel):
@@ -90,7 +95,7 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise DataError(f"--set {dotted}: '{key}' is not a section")
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
@@ -103,20 +108,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         try:
             tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError as exc:
-            raise DataError(f"{path}: config file not found") from exc
+            raise ConfigError(f"{path}: config file not found") from exc
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise DataError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
         if not isinstance(tree, dict):
-            raise DataError(f"{path}: expected a mapping of settings at the top level")
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise DataError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
         _set(tree, key.strip(), value)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise DataError(f"{where}: " + "; ".join(lines)) from exc
+        raise ConfigError(f"{where}: {describe(exc)}") from exc

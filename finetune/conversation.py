@@ -24,14 +24,18 @@ class Conversation:
 
 @dataclass
 class ReadResult:
-    """What a reader got out of one file: the good conversations and every problem it skipped."""
+    """What a reader got out of one file: the good conversations, every problem it skipped, and the system
+    prompt the file carries, if its format has one (a character card does)."""
 
     conversations: list[Conversation] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    system_prompt: str = ""
 
     def extend(self, other: ReadResult) -> None:
+        """Add another file's result; the first system prompt found is kept."""
         self.conversations.extend(other.conversations)
         self.problems.extend(other.problems)
+        self.system_prompt = self.system_prompt or other.system_prompt
 
 
 def tidy_messages(messages: Iterable[dict[str, str]]) -> list[dict[str, str]]:

@@ -6,14 +6,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from finetune.bundle import Sampling
-from finetune.conversation import Conversation, DataError, read_text
-from finetune.readers import infer_format, read_source
+from finetune.conversation import Conversation, DataError, ReadResult, read_text
+from finetune.readers import READERS, Format, infer_format, read_source
 from finetune.readers.card import card_conversations, read_card
+from finetune.validation import describe
 
 try:
     import tomllib
@@ -25,10 +25,12 @@ CARD_SUFFIXES = (".json", ".png")
 
 
 class _Source(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    """One data file; keys beyond these are the format's own options, checked by its reader's model."""
+
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
 
     path: str = Field(min_length=1)
-    format: Literal["jsonl", "sharegpt", "card", "script", "discord"] | None = None
+    format: Format | None = None
     character: str | None = None  # script/discord speaker; defaults to the persona's name
 
 
@@ -89,42 +91,46 @@ def load_persona(path: str | Path) -> PersonaData:
 def _load_toml_persona(toml_path: Path) -> PersonaData:
     spec = _parse_persona_file(toml_path)
     folder = toml_path.parent
-    conversations: list[Conversation] = []
-    problems: list[str] = []
+    data = ReadResult()
     files = [toml_path]
-    card_prompt = ""
     for i, source in enumerate(spec.sources):
         source_path = folder / source.path
         if not source_path.is_file():
             raise DataError(f"{toml_path}: sources[{i}]: file not found: {source_path}")
         kind = source.format or infer_format(source_path)
-        if kind == "card":
-            card = read_card(source_path)
-            card_prompt = card_prompt or card.system_prompt
-            result = card_conversations(card, source_path)
-        else:
-            result = read_source(source_path, kind, source.character or spec.name)
-        conversations.extend(result.conversations)
-        problems.extend(result.problems)
+        options = _source_options(toml_path, i, kind, source)
+        data.extend(read_source(source_path, kind, source.character or spec.name, options))
         if source_path not in files:
             files.append(source_path)
-    system_prompt = spec.system_prompt or card_prompt
+    system_prompt = spec.system_prompt or data.system_prompt
     if not system_prompt:
         raise DataError(
             f"{toml_path}: field 'system_prompt': required when no character card source provides one"
         )
-    _require_conversations(toml_path, conversations, problems)
+    _require_conversations(toml_path, data.conversations, data.problems)
     return PersonaData(
         name=spec.name,
         system_prompt=system_prompt,
         description=spec.description,
         sampling=spec.sampling,
-        conversations=conversations,
-        problems=problems,
+        conversations=data.conversations,
+        problems=data.problems,
         files=files,
         data_hash=_data_hash(folder, files),
         style_checks=spec.style_checks,
     )
+
+
+def _source_options(toml_path: Path, index: int, kind: str, source: _Source) -> BaseModel:
+    """The source's extra keys, validated by its format's options model once the format is known."""
+    model = READERS[kind].options
+    try:
+        return model.model_validate(source.model_extra or {})
+    except ValidationError as e:
+        known = ", ".join(model.model_fields) or "none"
+        raise DataError(
+            f"{toml_path}: {describe(e, within=('sources', index))} (options of {kind} sources: {known})"
+        ) from e
 
 
 def _load_card_persona(card_path: Path) -> PersonaData:
@@ -155,19 +161,7 @@ def _parse_persona_file(toml_path: Path) -> _PersonaFile:
     try:
         return _PersonaFile.model_validate(raw)
     except ValidationError as e:
-        details = "; ".join(f"field '{_field_name(err['loc'])}': {err['msg']}" for err in e.errors())
-        raise DataError(f"{toml_path}: {details}") from e
-
-
-def _field_name(loc: tuple[int | str, ...]) -> str:
-    """("sources", 0, "path") -> "sources[0].path", the way the user reads their TOML."""
-    name = ""
-    for part in loc:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        else:
-            name += f".{part}" if name else part
-    return name
+        raise DataError(f"{toml_path}: {describe(e)}") from e
 
 
 def _require_conversations(where: Path, conversations: list[Conversation], problems: list[str]) -> None:

@@ -15,8 +15,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .attention import VARLEN, packed_attention
 from .bundle import LoraInfo, Manifest, TrainingSummary, save_bundle
-from .config import TrainConfig
-from .conversation import DataError
+from .config import ConfigError, TrainConfig
 from .dataset import IGNORE, build_datasets, make_collator
 from .model import compute_dtype, fingerprint, liger_unavailable, load_model, load_tokenizer, resolve
 from .persona import load_persona
@@ -90,7 +89,7 @@ def use_fused_kernels(setting: bool | Literal["auto"]) -> bool:
     if setting == "auto":
         return why_not is None
     if setting and why_not:
-        raise DataError(f"train.fused_kernels: true {why_not}")
+        raise ConfigError(f"train.fused_kernels: true {why_not}")
     return bool(setting)
 
 
@@ -171,7 +170,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
     tokenizer = load_tokenizer(ref)
     chat_template = cfg.data.chat_template or tokenizer.chat_template
     if not chat_template:
-        raise DataError(f"base model '{cfg.base_model}' has no chat template; set data.chat_template in the config")
+        raise ConfigError(f"base model '{cfg.base_model}' has no chat template; set data.chat_template in the config")
     train_ds, eval_ds, stats = build_datasets(
         persona.conversations, tokenizer, persona.system_prompt, chat_template,
         cfg.data.max_seq_len, cfg.data.eval_fraction, cfg.train.seed,
@@ -238,9 +237,9 @@ def _resume_point(cfg: TrainConfig, resume: bool | str) -> str | None:
         return None
     if isinstance(resume, str):
         if not Path(resume).is_dir():
-            raise DataError(f"--resume {resume}: checkpoint folder not found")
+            raise ConfigError(f"--resume {resume}: checkpoint folder not found")
         return resume
     last = get_last_checkpoint(str(cfg.checkpoints)) if cfg.checkpoints.is_dir() else None
     if last is None:
-        raise DataError(f"--resume: no checkpoint in {cfg.checkpoints} to resume from")
+        raise ConfigError(f"--resume: no checkpoint in {cfg.checkpoints} to resume from")
     return last

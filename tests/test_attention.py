@@ -8,7 +8,7 @@ import torch
 
 from finetune import attention
 from finetune.attention import VARLEN, check_kernel, packed_attention, reference_kernel, torch_varlen
-from finetune.conversation import DataError
+from finetune.config import ConfigError
 from finetune.dataset import IGNORE, make_collator
 
 CONVERSATIONS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22]]
@@ -63,7 +63,7 @@ def test_the_check_accepts_the_computation_and_rejects_attention_across_conversa
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA does")
 def test_without_cuda_packed_rows_keep_sdpa_and_asking_for_varlen_is_a_clear_error():
     assert packed_attention("auto") == packed_attention(False) == "sdpa"
-    with pytest.raises(DataError, match="train.varlen_attention: true needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match="train.varlen_attention: true needs a CUDA GPU"):
         packed_attention(True)
 
 

@@ -12,7 +12,7 @@ import discord
 import pytest
 from fake_discord_harness import async_test
 
-from bot.config import ConfigError, Settings, load_personas, persona_token, select
+from bot.config import ConfigError, Settings, load_personas, load_settings, persona_token, select
 from bot.engine import EngineConfig
 from bot.conversation import render, window_start
 from bot.queues import ChannelQueues
@@ -235,7 +235,7 @@ def test_personas_file_yaml_and_toml(tmp_path):
 
 @pytest.mark.parametrize("text, problem", [
     ("personas: []\n", "field 'personas'"),
-    ("personas:\n  - name: A\n    adapter: a\n    tokn_env: X\n", "field 'personas.0.tokn_env'"),
+    ("personas:\n  - name: A\n    adapter: a\n    tokn_env: X\n", r"field 'personas\[0\].tokn_env'"),
     ("personas:\n  - {name: A, adapter: a}\n  - {name: a, adapter: b}\n", "'a' is defined twice"),
     ("personas: [\n", "cannot parse"),
 ])
@@ -264,6 +264,18 @@ def test_tokens_come_from_the_environment_or_dotenv(tmp_path, monkeypatch):
     assert settings.owner_ids == [1, 2]
     monkeypatch.setenv("BRINE_TOKEN", "from-env")
     assert persona_token(brine, settings) == "from-env"
+
+
+def test_bad_settings_name_their_variables(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("HISTORY_MESSAGES", "0")
+    monkeypatch.setenv("OWNER_IDS", "1, x")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings()
+    assert str(excinfo.value) == (
+        "OWNER_IDS[1]='x': Input should be a valid integer, unable to parse string as an integer; "
+        "HISTORY_MESSAGES='0': Input should be greater than 0"
+    )
 
 
 def test_env_example_documents_every_setting():

@@ -8,8 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.config import load_config
-from finetune.conversation import DataError
+from finetune.config import ConfigError, load_config
 
 runner = CliRunner()
 
@@ -21,16 +20,17 @@ def test_config_overrides_are_typed_and_validated(tmp_path):
     assert cfg.train.learning_rate == 1e-4 and cfg.train.epochs == 2
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.packing is False
     assert str(cfg.checkpoints) == "out-checkpoints"
-    with pytest.raises(DataError, match=r"c.yaml: train.lerning_rate: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"c.yaml: field 'train.lerning_rate': Extra inputs are not permitted"):
         load_config(path, ["train.lerning_rate=1"])
-    with pytest.raises(DataError, match=r"lora.r: Input should be greater than 0"):
+    with pytest.raises(ConfigError, match=r"field 'lora.r': Input should be greater than 0"):
         load_config(path, ["lora.r=0"])
-    with pytest.raises(DataError, match=r"save_steps \(20\) must be a multiple of train.eval_steps \(15\)"):
+    with pytest.raises(ConfigError, match=r"c.yaml: train.save_steps \(20\) must be a multiple of "
+                                          r"train.eval_steps \(15\)"):
         load_config(path, ["train.save_steps=20", "train.eval_steps=15"])
-    with pytest.raises(DataError, match=r"expected key=value"):
+    with pytest.raises(ConfigError, match=r"expected key=value"):
         load_config(path, ["train.epochs"])
     path.write_text("persona: [unclosed\n")
-    with pytest.raises(DataError, match=r"c.yaml:2: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"c.yaml:2: invalid YAML"):
         load_config(path)
 
 

@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from cards import write_card_png
 
-from finetune.conversation import DataError
 from finetune.bundle import Sampling
+from finetune.conversation import DataError
 from finetune.persona import load_persona
-from finetune.readers.card import write_card_png
 
 CARD = {
     "spec": "chara_card_v2",
@@ -175,3 +175,92 @@ def test_not_a_persona(tmp_path: Path) -> None:
     (tmp_path / "notes.md").write_text("hi")
     with pytest.raises(DataError, match="notes.md: not a persona folder"):
         load_persona(tmp_path / "notes.md")
+
+
+def _discord_post(minute: int, author: str, content: str) -> dict:
+    return {
+        "id": str(minute), "type": "Default", "timestamp": f"2024-01-01T12:{minute:02d}:00+00:00",
+        "content": content, "author": {"id": author, "name": author},
+    }
+
+
+DISCORD = {"messages": [
+    _discord_post(0, "sam", "ahoy"), _discord_post(1, "brine", "Arr."),
+    _discord_post(20, "sam", "still there?"), _discord_post(21, "brine", "Aye."),
+]}
+# one file per registered format, each holding one conversation or more
+SAMPLES = {
+    "jsonl": ("d.jsonl", json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Arr."}]})),
+    "sharegpt": ("sg.json", json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                           {"from": "gpt", "value": "Arr."}]}])),
+    "card": ("card.json", json.dumps(CARD)),
+    "script": ("play.txt", "SAM: Evening.\nBRINE: Evening.\n"),
+    "discord": ("export.json", json.dumps(DISCORD)),
+}
+
+
+def test_every_registered_format_is_a_valid_source_format(tmp_path: Path) -> None:
+    from finetune.readers import READERS
+
+    assert set(SAMPLES) == set(READERS), "add a sample file for the new format"
+    sources = ""
+    for kind, (name, text) in SAMPLES.items():
+        (tmp_path / name).write_text(text)
+        sources += f'[[sources]]\npath = "{name}"\nformat = "{kind}"\n'
+    (tmp_path / "persona.toml").write_text(f'name = "Brine"\nsystem_prompt = "You are Brine."\n{sources}')
+    persona = load_persona(tmp_path)
+    read_from = {c.origin.split(":")[0] for c in persona.conversations}
+    assert read_from == {str(tmp_path / name) for name, _ in SAMPLES.values()}
+
+
+def _discord_persona(folder: Path, options: str = "") -> Path:
+    folder.mkdir()
+    (folder / "export.json").write_text(json.dumps(DISCORD))
+    (folder / "persona.toml").write_text(
+        f'name = "Brine"\nsystem_prompt = "You are Brine."\n[[sources]]\npath = "export.json"\n{options}'
+    )
+    return folder
+
+
+def test_reader_options_come_from_persona_toml(tmp_path: Path) -> None:
+    assert len(load_persona(_discord_persona(tmp_path / "default")).conversations) == 1  # 30-minute gap
+    persona = load_persona(_discord_persona(tmp_path / "short", "gap_minutes = 10\n"))
+    assert [c.messages for c in persona.conversations] == [
+        [{"role": "user", "content": "sam: ahoy"}, {"role": "assistant", "content": "Arr."}],
+        [{"role": "user", "content": "sam: still there?"}, {"role": "assistant", "content": "Aye."}],
+    ]
+
+
+@pytest.mark.parametrize("options, error", [
+    ("gap_minute = 10\n", "field 'sources[0].gap_minute': Extra inputs are not permitted "
+                          "(options of discord sources: gap_minutes)"),
+    ("gap_minutes = 0\n", "field 'sources[0].gap_minutes': Input should be greater than 0 "
+                           "(options of discord sources: gap_minutes)"),
+    ('format = "jsonl"\ngap_minutes = 10\n', "field 'sources[0].gap_minutes': Extra inputs are not permitted "
+                                             "(options of jsonl sources: none)"),
+])
+def test_bad_reader_options_name_the_field(tmp_path: Path, options: str, error: str) -> None:
+    with pytest.raises(DataError) as excinfo:
+        load_persona(_discord_persona(tmp_path / "p", options))
+    assert str(excinfo.value) == f"{tmp_path / 'p' / 'persona.toml'}: {error}"
+
+
+def test_any_reader_can_supply_the_system_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune.conversation import Conversation, ReadResult
+    from finetune.readers import READERS, Reader
+
+    def read_notes(path: Path, character: str, options: object) -> ReadResult:
+        said = [{"role": "assistant", "content": path.read_text()}]
+        return ReadResult([Conversation(said, str(path))], system_prompt=f"You are {character}, from notes.")
+
+    monkeypatch.setitem(READERS, "notes", Reader(read_notes, suffixes=(".notes",)))
+    folder = make_persona(tmp_path / "p", TOML.replace('system_prompt = """You are Brine."""\n', "")
+                          .replace("dialogue.jsonl", "brine.notes"))
+    (folder / "brine.notes").write_text("Arr.")
+    persona = load_persona(folder)
+    assert persona.system_prompt == "You are Brine, from notes."
+    assert persona.conversations[0].messages == [{"role": "assistant", "content": "Arr."}]
+    # the persona.toml's own prompt wins over any source's
+    (folder / "persona.toml").write_text(TOML.replace("dialogue.jsonl", "brine.notes"))
+    assert load_persona(folder).system_prompt == "You are Brine."

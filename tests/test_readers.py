@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from cards import write_card_png
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from finetune.conversation import DataError
 from finetune.readers import infer_format, read_source
-from finetune.readers.card import card_conversations, read_card, write_card_png
-from finetune.readers.discord_export import read_discord_export
+from finetune.readers.card import card_conversations, read_card
+from finetune.readers.discord_export import DiscordOptions, read_discord_export
 from finetune.readers.jsonl import read_jsonl
 from finetune.readers.script import read_script
 from finetune.readers.sharegpt import read_sharegpt
@@ -215,7 +216,8 @@ def test_card_png_round_trip(tmp_path: Path, keyword: str) -> None:
         assert keyword in image.text
     card = read_card(path)
     assert (card.name, card.system_prompt) == ("Brine", DEFAULT_PROMPT)
-    assert len(read_source(path).conversations) == 4
+    result = read_source(path)
+    assert (len(result.conversations), result.system_prompt) == (4, DEFAULT_PROMPT)
 
 
 def test_card_png_prefers_ccv3_and_reads_compressed_chunks(tmp_path: Path) -> None:
@@ -391,7 +393,7 @@ def test_discord_splits_at_gaps_and_matches_author(tmp_path: Path, character: st
 
 
 def test_discord_gap_is_a_parameter(tmp_path: Path) -> None:
-    result = read_discord_export(discord_export(tmp_path), "Brine", gap_minutes=5)
+    result = read_discord_export(discord_export(tmp_path), "Brine", DiscordOptions(gap_minutes=5))
     assert [c.messages[-1] for c in result.conversations] == [
         bot("Arr, @sam99 and <@9>.\nWhat now?"),
         bot("Ahoy."),
@@ -417,6 +419,7 @@ def test_format_sniffing(tmp_path: Path) -> None:
     assert infer_format(discord_export(tmp_path)) == "discord"
     assert infer_format(write_json(tmp_path / "sg.json", [{"conversations": []}])) == "sharegpt"
     assert infer_format(write_json(tmp_path / "m.json", [{"messages": []}])) == "jsonl"
+    assert infer_format(write_json(tmp_path / "both.json", [{"messages": [], "conversations": []}])) == "sharegpt"
     with pytest.raises(DataError, match="cannot tell what kind of JSON"):
         infer_format(write_json(tmp_path / "odd.json", {"hello": 1}))
     with pytest.raises(DataError, match=r"extension '\.csv'; set format to one of: jsonl, sharegpt, card"):

@@ -75,16 +75,16 @@ def test_resume_after_interrupted_run(tiny_persona, tiny_model_dir, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_persona, tiny_model_dir, tmp_path):
-    from finetune.conversation import DataError
+    from finetune.config import ConfigError
 
     cfg = _config(tiny_persona, tiny_model_dir, tmp_path / "b", "train.max_steps=1")
-    with pytest.raises(DataError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         train(cfg, resume=True)
 
 
 def test_fused_kernels_setting(tiny_persona, tiny_model_dir, tmp_path):
     """'auto' turns Liger on only where it runs (CUDA + liger-kernel); forcing it without CUDA says why."""
-    from finetune.conversation import DataError
+    from finetune.config import ConfigError
     from finetune.train import training_args
 
     cfg = _config(tiny_persona, tiny_model_dir, tmp_path / "b")
@@ -94,7 +94,7 @@ def test_fused_kernels_setting(tiny_persona, tiny_model_dir, tmp_path):
                          has_eval=True).use_liger_kernel is False
     if not torch.cuda.is_available():
         forced = load_config(None, [f"persona={tiny_persona}", "output_dir=x", "train.fused_kernels=true"])
-        with pytest.raises(DataError, match="train.fused_kernels: true needs"):
+        with pytest.raises(ConfigError, match="train.fused_kernels: true needs"):
             training_args(forced, has_eval=True)
 
 
@@ -183,7 +183,7 @@ def test_bundle_for_another_base_is_refused(tiny_persona, tiny_model_dir, tmp_pa
 
 
 def test_train_from_a_png_character_card(tiny_model_dir, tmp_path):
-    from finetune.readers.card import write_card_png
+    from cards import write_card_png
 
     examples = "\n".join(
         f"<START>\n{{{{user}}}}: what about the {w}?\n{{{{char}}}}: Arr, the {w} be fine, lad." for w in

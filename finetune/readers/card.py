@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from finetune.conversation import Conversation, DataError, ReadResult, load_json, tidy_messages
 
@@ -86,8 +85,9 @@ def parse_card(raw: Any, path: Path) -> Card:
 
 
 def card_conversations(card: Card, path: str | Path) -> ReadResult:
-    """Each example block and each greeting (the character speaking first) as a conversation."""
-    result = ReadResult()
+    """Each example block and each greeting (the character speaking first) as a conversation, and the card's
+    system prompt."""
+    result = ReadResult(system_prompt=card.system_prompt)
     speaker = re.compile(rf"^\s*({re.escape(USER_NAME)}|{re.escape(card.name)})\s*:\s?(.*)$", re.IGNORECASE)
     for i, block in enumerate(card.examples):
         where = f"{path}: mes_example[{i}]"
@@ -110,14 +110,6 @@ def card_conversations(card: Card, path: str | Path) -> ReadResult:
         greeting_messages = [{"role": "assistant", "content": greeting}]
         result.conversations.append(Conversation(greeting_messages, f"{path}: greetings[{i}]"))
     return result
-
-
-def write_card_png(card_json: dict[str, Any], image_path_out: str | Path, keyword: str = "chara") -> None:
-    """Write a small PNG carrying ``card_json`` the way SillyTavern does: base64 JSON in a tEXt chunk."""
-    info = PngInfo()
-    encoded = base64.b64encode(json.dumps(card_json, ensure_ascii=False).encode())
-    info.add_text(keyword, encoded.decode("ascii"))
-    Image.new("RGB", (64, 64), (70, 110, 140)).save(image_path_out, "PNG", pnginfo=info)
 
 
 def _png_card_json(path: Path) -> Any:

@@ -8,11 +8,21 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from finetune.conversation import Conversation, DataError, ReadResult, load_json, tidy_messages
 
 _CHAT_TYPES = {"Default", "Reply"}  # joins, pins, calls etc. are not dialogue
 _MENTION = re.compile(r"<@!?(\d+)>")
 _FRACTION = re.compile(r"\.(\d+)")
+
+
+class DiscordOptions(BaseModel):
+    """What a persona.toml source of this format may set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gap_minutes: float = Field(30.0, gt=0, description="a silence this long (minutes) starts a new conversation")
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,8 @@ class _Post:
     text: str
 
 
-def read_discord_export(path: str | Path, character: str, gap_minutes: float = 30.0) -> ReadResult:
-    """Split the channel into conversations at silences longer than ``gap_minutes``.
+def read_discord_export(path: str | Path, character: str, options: DiscordOptions = DiscordOptions()) -> ReadResult:
+    """Split the channel into conversations at silences longer than ``options.gap_minutes``.
 
     ``character`` matches an author's id, name or nickname (case-insensitive). Conversations the
     character takes no part in are dropped: they are other people's chat, not bad data.
@@ -52,7 +62,7 @@ def read_discord_export(path: str | Path, character: str, gap_minutes: float = 3
             f"{path}: character {character!r} never speaks (matched on author id, name, nickname); "
             f"top authors: {top}"
         )
-    for group in _split(posts, timedelta(minutes=gap_minutes)):
+    for group in _split(posts, timedelta(minutes=options.gap_minutes)):
         if any(p.is_character for p in group):
             messages = [
                 {"role": "assistant", "content": p.text}
