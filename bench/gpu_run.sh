@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# What to measure on a lent GPU, as two device calls of under 10 minutes each (a session has 15 minutes of
-# device time, the machine's start included). Build the kit here first (`bash bench/gpu_kit.sh`), then:
+# What to measure on a lent GPU, as two device calls of under 10 minutes each (bench/GPU.md is the runbook:
+# what each step measures and what to record in bench/RESULTS.md). Build the kit here first
+# (`bash bench/gpu_kit.sh`), then:
 #
 #   run(carry=[".gpu-kit"], timeout_s=590, command="bash bench/gpu_run.sh serve")   # GPU tests + serving
 #   run(carry=[".gpu-kit"], timeout_s=590, command="bash bench/gpu_run.sh train")   # training benches
 #
+# A session has 15 minutes of device time, the machine's start included, so both calls at full length do
+# not fit in one: serve first, train with what is left (or in a later session).
 # Each step has its own time limit and its whole log goes to $OUT (what comes back); a failing step does not
 # stop the next. The steps print their last lines, so the call's output tail holds every result.
 set -uo pipefail
