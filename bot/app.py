@@ -69,7 +69,7 @@ class PersonaBot:
             if len(owners) > 1:
                 names = " and ".join(f"'{p.name}' ({p.token_env})" for p in owners)
                 raise ConfigError(f"personas {names} use the same bot token; give each its own, or use webhook mode")
-            voices: list[Voice] = []
+            voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
             client = BotClient(
                 token, self._label(personas), on_message=self.on_message,
                 add_commands=partial(register, app=self, voices=voices),

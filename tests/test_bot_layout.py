@@ -1,5 +1,5 @@
-"""The bot's structure: every command of the table is registered and typed the same in simulate, and the
-bot's modules import one another without a circle."""
+"""The bot's structure: every reply passes the prompt seam, every command of the table is registered and
+typed the same in simulate, and the bot's modules import one another without a circle."""
 from __future__ import annotations
 
 import ast
@@ -10,13 +10,30 @@ import pytest
 from fake_discord_harness import async_test, running
 from rich.console import Console
 
+import bot.app
 from bot.commands import COMMANDS, Command, Param, stop
 from bot.config import PersonaSpec
 from bot.fake_discord import FakeDiscord
+from bot.prompt import assemble
 from bot.simulate import HELP, Terminal, Usage, World, parse
 
 REPO = Path(__file__).resolve().parents[1]
 SUB_COMMAND, STRING, INTEGER = 1, 3, 4
+
+
+@async_test
+async def test_channel_replies_and_converse_turns_all_reach_the_engine_through_the_seam(tmp_path, monkeypatch):
+    memory = {"role": "system", "content": "Brine owes Alice a boat."}
+    monkeypatch.setattr(bot.app, "assemble", lambda turns: assemble(turns, [memory["content"]]))
+    async with running(tmp_path) as h:
+        ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} ahoy")
+        await h.reply_text(ask, "[brine-v1] Alice: @Brine ahoy")
+        h.fake.command(h.bots["Brine"], h.alice, h.general, "converse", persona_a="Brine", persona_b="Coral",
+                       topic="boats", turns=2)
+        await h.fake.wait_for(lambda: len(h.engine.served) == 3)
+        await h.settled()
+        assert [s.adapter for s in h.engine.served] == ["Brine", "Brine", "Coral"]
+        assert all(s.messages[0] == memory and len(s.messages) > 1 for s in h.engine.served)
 
 
 @async_test
