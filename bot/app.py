@@ -15,11 +15,13 @@ import discord
 from finetune.bundle import BundleError, Manifest
 
 from .client import BotClient
-from .commands import CommandError
+from .commands import register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
-from .conversation import gather, render, window_start
-from .conversations import ConverseSession
+from .converse import ConverseSession
 from .engine.base import Engine, EngineError
+from .errors import CommandError
+from .history import gather, to_messages, window_start
+from .prompt import assemble
 from .queues import ChannelQueues
 from .streaming import EditLimiter, ReplyStream
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
@@ -67,13 +69,16 @@ class PersonaBot:
             if len(owners) > 1:
                 names = " and ".join(f"'{p.name}' ({p.token_env})" for p in owners)
                 raise ConfigError(f"personas {names} use the same bot token; give each its own, or use webhook mode")
-            client = BotClient(self, token, self._label(personas), **self._client_options)
+            voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
+            client = BotClient(
+                token, self._label(personas), on_message=self.on_message,
+                add_commands=partial(register, app=self, voices=voices),
+                command_guilds=self.settings.command_guilds, **self._client_options,
+            )
             webhooks = Webhooks(client)
-            client.voices = [
-                BotVoice(p, client) if not p.webhook else WebhookVoice(p, client, webhooks) for p in personas
-            ]
+            voices += [BotVoice(p, client) if not p.webhook else WebhookVoice(p, client, webhooks) for p in personas]
             self.clients.append(client)
-            self.voices += client.voices
+            self.voices += voices
 
     @staticmethod
     def _label(personas: list[PersonaSpec]) -> str:
@@ -213,20 +218,22 @@ class PersonaBot:
             history = history[start:]
         else:
             history = await gather(message, limit, reset)
-        messages = render(history, voice.owns, max_messages=limit, max_chars=chars)
+        turns = to_messages(history, voice.owns, max_messages=limit, max_chars=chars)
         if message.guild is None:
-            return await self.reply(voice, message.channel, messages)
+            return await self.reply(voice, message.channel, turns)
         channel = voice.client.get_channel(message.channel.id)
-        return await self.reply(voice, channel, messages, reply_to=message)  # type: ignore[arg-type]
+        return await self.reply(voice, channel, turns, reply_to=message)  # type: ignore[arg-type]
 
     async def reply(
-        self, voice: Voice, channel: discord.abc.Messageable, messages: list[dict[str, str]],
+        self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]],
         reply_to: discord.Message | None = None,
     ) -> str:
-        """Stream ``voice``'s reply to ``messages`` into ``channel``."""
+        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``: every reply (channel
+        messages, /converse turns) reaches the engine through ``prompt.assemble`` here."""
+        messages = assemble(turns)
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
-            await voice.sink(channel, reply_to), self.limiter, channel_id,
+            await voice.reply_target(channel, reply_to), self.limiter, channel_id,
             placeholder_after=self.settings.placeholder_after,
         )
         self.streams[channel_id].add(stream)
@@ -300,13 +307,13 @@ class PersonaBot:
         self._tasks.add(task)
         return session
 
-    async def _turn(self, session: ConverseSession, voice: Voice, messages: list[dict[str, str]]) -> str:
+    async def _turn(self, session: ConverseSession, voice: Voice, turns: list[dict[str, str]]) -> str:
         """One conversation turn, queued behind whatever the channel is already answering."""
         async def turn() -> str:
             if not session.active:
                 return ""
             channel = voice.client.get_channel(session.channel_id)
-            return await self.reply(voice, channel, messages)  # type: ignore[arg-type]
+            return await self.reply(voice, channel, turns)  # type: ignore[arg-type]
 
         return await self.queues.submit(session.channel_id, turn)
 

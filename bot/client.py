@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import discord
 from discord import app_commands
 
-from .commands import register
-from .voices import ALLOWED_MENTIONS, Voice
-
-if TYPE_CHECKING:
-    from .app import PersonaBot
+from .voices import ALLOWED_MENTIONS
 
 log = logging.getLogger(__name__)
 
@@ -27,31 +24,36 @@ def intents() -> discord.Intents:
 
 
 class BotClient(discord.Client):
-    """Routes this token's messages to the app and serves its slash commands."""
+    """Hands this token's messages to ``on_message`` and serves the slash commands ``add_commands`` puts in
+    its tree, synced globally or, when ``command_guilds`` are given, to those guilds (instantly visible)."""
 
-    def __init__(self, bot: PersonaBot, token: str, label: str, **options: Any) -> None:
+    def __init__(
+        self, token: str, label: str, *, on_message: Callable[[BotClient, discord.Message], None],
+        add_commands: Callable[[app_commands.CommandTree], None], command_guilds: Sequence[int] = (),
+        **options: Any,
+    ) -> None:
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # text only: no voice warnings
         super().__init__(intents=intents(), allowed_mentions=ALLOWED_MENTIONS, **options)
-        self.bot = bot
         self.login_token = token
         self.label = label
         self.connection: asyncio.Task | None = None
-        self.voices: list[Voice] = []
+        self._on_message = on_message
+        self._add_commands = add_commands
+        self._command_guilds = list(command_guilds)
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error
 
     async def setup_hook(self) -> None:
-        register(self.tree, self.bot, self)
-        guilds = self.bot.settings.command_guilds
-        if not guilds:
+        self._add_commands(self.tree)
+        if not self._command_guilds:
             await self.tree.sync()
-        for guild_id in guilds:
+        for guild_id in self._command_guilds:
             guild = discord.Object(guild_id)
             self.tree.copy_global_to(guild=guild)
             await self.tree.sync(guild=guild)
 
     async def on_message(self, message: discord.Message) -> None:
-        self.bot.on_message(self, message)
+        self._on_message(self, message)
 
     async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         log.error("/%s failed: %s", interaction.command.qualified_name if interaction.command else "?", error,

@@ -1,7 +1,14 @@
-"""Slash commands: /persona list|swap|reload, /converse, /stop, /reset."""
+"""Slash commands: /persona list|swap|reload, /converse, /stop, /reset.
+
+Each command is a plain function in ``COMMANDS``, the one table Discord registration (``register``) and
+``personabot simulate``'s terminal both read, so a command cannot exist in one and be missing in the other.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Optional, Protocol
 
 import discord
 from discord import app_commands
@@ -9,124 +16,242 @@ from discord import app_commands
 from finetune.bundle import BundleError
 
 from .engine.base import EngineError
+from .errors import CommandError
 
 if TYPE_CHECKING:
-    from .app import PersonaBot
-    from .client import BotClient
+    from finetune.bundle import Manifest
+
+    from .config import Settings
+    from .converse import ConverseSession
+    from .engine.base import Engine
     from .voices import Voice
 
 
-class CommandError(ValueError):
-    """A command cannot be carried out; the message is shown to the user who ran it."""
+class App(Protocol):
+    """What the commands act on: every persona of the process (``bot.app.PersonaBot``)."""
+
+    settings: Settings
+    voices: list[Voice]
+
+    @property
+    def engine(self) -> Engine: ...
+
+    def voice(self, name: str) -> Voice | None: ...
+
+    async def swap(self, voice: Voice, adapter: str) -> Manifest: ...
+
+    def stop(self, channel_id: int) -> bool: ...
+
+    def reset(self, channel_id: int) -> None: ...
+
+    def converse(self, channel: discord.abc.Messageable, names: list[str], topic: str, turns: int | None,
+                 user: discord.abc.User) -> ConverseSession: ...
 
 
-def register(tree: app_commands.CommandTree, bot: PersonaBot, client: BotClient) -> None:
-    """Add the commands to ``client``'s tree; they act on the whole process (all personas)."""
+@dataclass(frozen=True)
+class Param:
+    """One option of a command, as Discord shows it and as the simulate terminal parses it.
 
-    async def names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return [app_commands.Choice(name=v.name, value=v.name) for v in bot.voices
-                if current.lower() in v.name.lower()][:25]
+    ``persona`` is a persona's name (autocompleted), ``word`` one word, ``text`` the rest of the line,
+    ``count`` a whole number within ``bounds``.
+    """
 
-    async def denied(interaction: discord.Interaction) -> bool:
+    name: str
+    description: str
+    kind: Literal["persona", "word", "text", "count"] = "word"
+    required: bool = True
+    bounds: tuple[int, int] = (1, 100)
+
+    def parameter(self) -> inspect.Parameter:
+        """The callback parameter discord.py reads the option's type and default from."""
+        kind: Any = app_commands.Range[int, self.bounds[0], self.bounds[1]] if self.kind == "count" else str
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY,
+                                 annotation=kind if self.required else Optional[kind],
+                                 default=inspect.Parameter.empty if self.required else None)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a command answers; ``private`` replies are shown only to the user who ran it."""
+
+    text: str
+    private: bool = True
+
+
+@dataclass
+class Call:
+    """One run of a command: the app, the personas of the client it ran on, and Discord's interaction."""
+
+    app: App
+    voices: list[Voice]
+    interaction: discord.Interaction
+
+    @property
+    def admin(self) -> bool:
         """Admins are members with Manage Server, and the OWNER_IDS users anywhere."""
-        if interaction.user.id in bot.settings.owner_ids or (
+        interaction = self.interaction
+        return interaction.user.id in self.app.settings.owner_ids or (
             interaction.guild_id is not None and interaction.permissions.manage_guild
-        ):
-            return False
-        await interaction.response.send_message(
-            "🚫 Only members with Manage Server (or the bot's owners) can do that.", ephemeral=True
         )
-        return True
 
-    async def target(interaction: discord.Interaction, name: str | None) -> Voice | None:
+    def persona(self, name: str | None) -> Voice:
         """The persona a command acts on: the one named, else this bot's only persona."""
-        voice = bot.voice(name) if name else (client.voices[0] if len(client.voices) == 1 else None)
+        voice = self.app.voice(name) if name else (self.voices[0] if len(self.voices) == 1 else None)
         if voice is None:
-            known = ", ".join(v.name for v in bot.voices)
+            known = ", ".join(v.name for v in self.app.voices)
             problem = f"no persona named '{name}'" if name else "this bot hosts several personas; name one"
-            await interaction.response.send_message(f"❓ {problem} ({known})", ephemeral=True)
+            raise CommandError(f"{problem} ({known})")
         return voice
 
-    persona = app_commands.Group(name="persona", description="The personas this bot serves")
+    async def working(self) -> None:
+        """Show 'thinking…' (privately) before something slow, such as loading an adapter."""
+        await self.interaction.response.defer(ephemeral=True, thinking=True)
 
-    @persona.command(name="list", description="Personas, the adapters they serve, and their channels")
-    async def list_(interaction: discord.Interaction) -> None:
-        lines = []
-        for voice in bot.voices:
-            try:
-                served = f"`{bot.engine.manifest(voice.name).name}` from `{bot.engine.bundle_dir(voice.name)}`"
-            except EngineError as exc:  # not loaded: say why instead of failing the whole list
-                served = f"not loaded ({exc})"
-            mode = "webhook" if voice.persona.webhook else "own account"
-            channels = ", ".join(f"<#{c}>" for c in voice.persona.channels) or "none"
-            lines.append(f"**{voice.name}** ({mode}): {served}; own channels: {channels}")
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
-
-    @persona.command(name="swap", description="Serve another adapter bundle, live (Manage Server)")
-    @app_commands.describe(adapter="bundle folder, or a bundle name under ADAPTERS_DIR",
-                           persona="which persona (default: this bot's)")
-    @app_commands.autocomplete(persona=names)
-    async def swap(interaction: discord.Interaction, adapter: str, persona: str | None = None) -> None:
-        if await denied(interaction) or (voice := await target(interaction, persona)) is None:
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            manifest = await bot.swap(voice, adapter)
-        except (EngineError, BundleError) as exc:  # shown to the admin; the old adapter keeps serving
-            await interaction.followup.send(
-                f"❌ {exc}\n**{voice.name}** keeps serving its current adapter.", ephemeral=True
-            )
-            return
-        await interaction.followup.send(f"✅ **{voice.name}** now serves `{manifest.name}`.", ephemeral=True)
-
-    @persona.command(name="reload", description="Re-read the persona's adapter bundle from disk (Manage Server)")
-    @app_commands.describe(persona="which persona (default: this bot's)")
-    @app_commands.autocomplete(persona=names)
-    async def reload(interaction: discord.Interaction, persona: str | None = None) -> None:
-        if await denied(interaction) or (voice := await target(interaction, persona)) is None:
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            manifest = await bot.engine.reload_adapter(voice.name)
-        except (EngineError, BundleError) as exc:
-            await interaction.followup.send(f"❌ {exc}\n**{voice.name}** keeps serving the loaded adapter.",
-                                            ephemeral=True)
-            return
-        await interaction.followup.send(f"🔄 **{voice.name}** reloaded `{manifest.name}`.", ephemeral=True)
-
-    @app_commands.command(name="converse", description="Let two personas talk to each other here")
-    @app_commands.describe(persona_a="first speaker", persona_b="second speaker", topic="what they talk about",
-                           turns="how many messages in all")
-    @app_commands.autocomplete(persona_a=names, persona_b=names)
-    async def converse(
-        interaction: discord.Interaction, persona_a: str, persona_b: str, topic: str,
-        turns: app_commands.Range[int, 1, 100] | None = None,
-    ) -> None:
-        try:
-            if interaction.guild is None or interaction.channel is None:
-                raise CommandError("conversations run in server channels")
-            session = bot.converse(interaction.channel, [persona_a, persona_b], topic, turns, interaction.user)
-        except CommandError as exc:
-            await interaction.response.send_message(f"❓ {exc}", ephemeral=True)
-            return
-        a, b = session.voices
-        await interaction.response.send_message(
-            f"🎭 **{a.name}** and **{b.name}** talk about *{topic}* for {session.turns} turns. "
-            "`/stop` ends it; writing here interrupts."
-        )
-
-    @app_commands.command(name="stop", description="Stop the conversation and any reply being written here")
-    async def stop(interaction: discord.Interaction) -> None:
-        if interaction.channel_id is not None and bot.stop(interaction.channel_id):
-            await interaction.response.send_message("⏹️ Stopped.")
+    async def send(self, reply: Reply) -> None:
+        if self.interaction.response.is_done():
+            await self.interaction.followup.send(reply.text, ephemeral=reply.private)
         else:
-            await interaction.response.send_message("Nothing is running here.", ephemeral=True)
+            await self.interaction.response.send_message(reply.text, ephemeral=reply.private)
 
-    @app_commands.command(name="reset", description="Forget the conversation so far in this channel")
-    async def reset(interaction: discord.Interaction) -> None:
-        if interaction.channel_id is not None:
-            bot.reset(interaction.channel_id)
-        await interaction.response.send_message("🧹 Context reset: the personas ignore everything above this.")
 
-    for command in (persona, converse, stop, reset):
-        tree.add_command(command)
+Handler = Callable[..., Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A slash command: ``name`` is ``"group sub"`` for a subcommand; ``admin`` ones need Manage Server."""
+
+    name: str
+    description: str
+    handler: Handler
+    params: tuple[Param, ...] = ()
+    admin: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            inspect.signature(self.handler).bind(None, **{p.name: None for p in self.params})
+        except TypeError as exc:
+            raise TypeError(f"command /{self.name}: handler {self.handler.__name__} does not take the options "
+                            f"{[p.name for p in self.params]}: {exc} (make its signature match the params)") from exc
+
+    @property
+    def usage(self) -> str:
+        """``/name ARGS`` as typed in the simulate terminal: the rest-of-line ``text`` option comes last."""
+        ordered = [p for p in self.params if p.kind != "text"] + [p for p in self.params if p.kind == "text"]
+        args = [p.name.upper() if p.required else f"[{p.name.upper()}]" for p in ordered]
+        return " ".join([f"/{self.name}", *args])
+
+
+DENIED = "🚫 Only members with Manage Server (or the bot's owners) can do that."
+PERSONA = Param("persona", "which persona (default: this bot's)", "persona", required=False)
+
+
+async def list_personas(call: Call) -> Reply:
+    lines = []
+    for voice in call.app.voices:
+        try:
+            served = f"`{call.app.engine.manifest(voice.name).name}` from `{call.app.engine.bundle_dir(voice.name)}`"
+        except EngineError as exc:  # not loaded: say why instead of failing the whole list
+            served = f"not loaded ({exc})"
+        mode = "webhook" if voice.persona.webhook else "own account"
+        channels = ", ".join(f"<#{c}>" for c in voice.persona.channels) or "none"
+        lines.append(f"**{voice.name}** ({mode}): {served}; own channels: {channels}")
+    return Reply("\n".join(lines))
+
+
+async def swap(call: Call, adapter: str, persona: str | None = None) -> Reply:
+    voice = call.persona(persona)
+    await call.working()
+    try:
+        manifest = await call.app.swap(voice, adapter)
+    except (EngineError, BundleError) as exc:  # shown to the admin; the old adapter keeps serving
+        return Reply(f"❌ {exc}\n**{voice.name}** keeps serving its current adapter.")
+    return Reply(f"✅ **{voice.name}** now serves `{manifest.name}`.")
+
+
+async def reload(call: Call, persona: str | None = None) -> Reply:
+    voice = call.persona(persona)
+    await call.working()
+    try:
+        manifest = await call.app.engine.reload_adapter(voice.name)
+    except (EngineError, BundleError) as exc:
+        return Reply(f"❌ {exc}\n**{voice.name}** keeps serving the loaded adapter.")
+    return Reply(f"🔄 **{voice.name}** reloaded `{manifest.name}`.")
+
+
+async def converse(call: Call, persona_a: str, persona_b: str, topic: str, turns: int | None = None) -> Reply:
+    interaction = call.interaction
+    if interaction.guild is None or interaction.channel is None:
+        raise CommandError("conversations run in server channels")
+    session = call.app.converse(interaction.channel, [persona_a, persona_b], topic, turns, interaction.user)
+    a, b = session.voices
+    return Reply(f"🎭 **{a.name}** and **{b.name}** talk about *{topic}* for {session.turns} turns. "
+                 "`/stop` ends it; writing here interrupts.", private=False)
+
+
+async def stop(call: Call) -> Reply:
+    channel_id = call.interaction.channel_id
+    if channel_id is not None and call.app.stop(channel_id):
+        return Reply("⏹️ Stopped.", private=False)
+    return Reply("Nothing is running here.")
+
+
+async def reset(call: Call) -> Reply:
+    if call.interaction.channel_id is not None:
+        call.app.reset(call.interaction.channel_id)
+    return Reply("🧹 Context reset: the personas ignore everything above this.", private=False)
+
+
+GROUPS = {"persona": "The personas this bot serves"}
+COMMANDS: tuple[Command, ...] = (
+    Command("persona list", "Personas, the adapters they serve, and their channels", list_personas),
+    Command("persona swap", "Serve another adapter bundle, live (Manage Server)", swap, (
+        Param("adapter", "bundle folder, or a bundle name under ADAPTERS_DIR"), PERSONA), admin=True),
+    Command("persona reload", "Re-read the persona's adapter bundle from disk (Manage Server)", reload,
+            (PERSONA,), admin=True),
+    Command("converse", "Let two personas talk to each other here", converse, (
+        Param("persona_a", "first speaker", "persona"), Param("persona_b", "second speaker", "persona"),
+        Param("topic", "what they talk about", "text"),
+        Param("turns", "how many messages in all", "count", required=False))),
+    Command("stop", "Stop the conversation and any reply being written here", stop),
+    Command("reset", "Forget the conversation so far in this channel", reset),
+)
+
+
+def register(tree: app_commands.CommandTree, *, app: App, voices: list[Voice]) -> None:
+    """Add every command of ``COMMANDS`` to a client's tree; ``voices`` are that client's personas (the
+    default target), the commands act on the whole process (all personas)."""
+    groups: dict[str, app_commands.Group] = {}
+    for command in COMMANDS:
+        group, _, name = command.name.rpartition(" ")
+        built = app_commands.Command(name=name, description=command.description,
+                                     callback=_callback(command, app, voices))
+        if group:
+            if group not in groups:
+                groups[group] = app_commands.Group(name=group, description=GROUPS[group])
+                tree.add_command(groups[group])
+            groups[group].add_command(built)
+        else:
+            tree.add_command(built)
+
+
+def _callback(command: Command, app: App, voices: list[Voice]) -> Callable[..., Awaitable[None]]:
+    """The discord.py callback for ``command``: its options come from the table, not from a signature."""
+    async def callback(interaction: discord.Interaction, **options: Any) -> None:
+        call = Call(app, voices, interaction)
+        try:
+            reply = await command.handler(call, **options) if call.admin or not command.admin else Reply(DENIED)
+        except CommandError as exc:
+            reply = Reply(f"❓ {exc}")
+        await call.send(reply)
+
+    async def names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return [app_commands.Choice(name=v.name, value=v.name) for v in app.voices
+                if current.lower() in v.name.lower()][:25]
+
+    first = inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
+    signature = inspect.Signature([first, *(p.parameter() for p in command.params)])
+    callback.__signature__ = signature  # type: ignore[attr-defined]
+    app_commands.describe(**{p.name: p.description for p in command.params})(callback)
+    personas = {p.name: names for p in command.params if p.kind == "persona"}
+    return app_commands.autocomplete(**personas)(callback) if personas else callback

@@ -14,19 +14,31 @@ from rich.console import Console
 from rich.markup import escape
 
 from .app import PersonaBot
+from .commands import COMMANDS, Command
 from .config import PersonaSpec, Settings
 from .engine.base import Engine
 from .fake_discord import FakeDiscord, Interaction, User
 
-HELP = """\
-type a message to post it in the current channel; `@Name` addresses a persona
-  #name                        switch to (or create) channel #name
-  /reply TEXT                  reply to the latest persona message here
-  /dm NAME TEXT                direct message a persona (own-account personas)
-  /converse A B [TURNS] TOPIC  let two personas talk here
-  /stop  /reset                stop what is running here / forget the context here
-  /persona list | swap ADAPTER [NAME] | reload [NAME]
-  /help  /quit"""
+TERMINAL = [
+    ("#name", "Switch to (or create) channel #name"),
+    ("/reply TEXT", "Reply to the latest persona message here"),
+    ("/dm NAME TEXT", "Direct message a persona (own-account personas)"),
+]
+
+
+def help_text() -> str:
+    """The terminal's own lines, then every bot command of the table as it is typed here."""
+    rows = [*TERMINAL, *((c.usage, c.description) for c in COMMANDS), ("/help  /quit", "This text / leave")]
+    width = max(len(usage) for usage, _ in rows)
+    lines = [f"  {usage:<{width}}  {what}" for usage, what in rows]
+    return "\n".join(["type a message to post it in the current channel; `@Name` addresses a persona", *lines])
+
+
+HELP = help_text()
+
+
+class Usage(ValueError):
+    """A typed command line does not fit the command; the message shows how to type it."""
 
 
 class World:
@@ -142,28 +154,14 @@ class Terminal:
                 self.say(f"[red]no own-account persona at the start of '{escape(rest)}'[/]")
             else:
                 fake.post(world.user, fake.dm_channel(world.user, bot), text)
-        elif word == "/converse":
-            a, rest = world.persona_first(rest)
-            b, rest = world.persona_first(rest)
-            turns, _, topic = rest.partition(" ") if rest.split(" ")[0].isdigit() else ("", "", rest)
-            if not (a and b and topic):
-                self.say("[red]usage: /converse A B [TURNS] TOPIC (A and B: persona names)[/]")
-                return
-            options = {"turns": int(turns)} if turns else {}
-            self.command(world.bot_for(a), "converse", persona_a=a, persona_b=b, topic=topic, **options)
-        elif word in ("/stop", "/reset"):
-            self.command(world.bot_for(None), word[1:])
-        elif word == "/persona":
-            sub, _, args = rest.partition(" ")
-            options: dict[str, object] = {}
-            if sub == "swap":
-                options["adapter"], _, args = args.partition(" ")
-            name = args.strip() or None
-            if name:
-                options["persona"] = name
-            self.command(world.bot_for(name), f"persona {sub or 'list'}", **options)
         elif word.startswith("/"):
-            self.say(f"[red]unknown command {escape(word)}[/] (/help)")
+            try:
+                command, options = parse(line, world)
+            except Usage as exc:
+                self.say(f"[red]{escape(str(exc))}[/]")
+                return
+            named = [str(options[p.name]) for p in command.params if p.kind == "persona" and p.name in options]
+            self.command(world.bot_for(named[0] if named else None), command.name, **options)
         else:
             fake.post(world.user, self.channel, world.mentions(line))
 
@@ -180,6 +178,45 @@ class Terminal:
         text = await interaction.text(timeout=600)
         if interaction.ephemeral:
             self.say(f"[dim](only you)[/] {escape(text)}")
+
+
+def parse(line: str, world: World) -> tuple[Command, dict[str, object]]:
+    """``/name args`` -> the table command and its options, read in the order ``Command.usage`` shows."""
+    text = line[1:].strip()
+    command = max((c for c in COMMANDS if text == c.name or text.startswith(c.name + " ")),
+                  key=lambda c: len(c.name), default=None)
+    if command is None:
+        word = text.split(" ")[0]
+        group = [c.usage for c in COMMANDS if c.name.startswith(word + " ")]
+        raise Usage(f"usage: {' | '.join(group)}" if group else f"unknown command /{word} (/help)")
+    rest = text[len(command.name):].strip()
+    options: dict[str, object] = {}
+    for param in command.params:
+        value: object = None
+        if param.kind == "persona":
+            value, rest = world.persona_first(rest)
+        elif param.kind == "count" and rest.split(" ")[0].isdecimal():
+            word, _, rest = rest.partition(" ")
+            value = int(word)
+        elif param.kind == "word" and rest:
+            value, _, rest = rest.partition(" ")
+        rest = rest.strip()
+        if value is not None:
+            options[param.name] = value
+        elif param.required and param.kind != "text":
+            raise _usage(command, world)
+    text_param = next((p for p in command.params if p.kind == "text"), None)
+    if text_param is not None and rest:
+        options[text_param.name] = rest
+    elif rest or (text_param is not None and text_param.required):
+        raise _usage(command, world)
+    return command, options
+
+
+def _usage(command: Command, world: World) -> Usage:
+    personas = [p.name.upper() for p in command.params if p.kind == "persona"]
+    names = f" ({', '.join(personas)}: one of {', '.join(world.bots)})" if personas else ""
+    return Usage(f"usage: {command.usage}{names}")
 
 
 def stdin_lines() -> asyncio.Queue[str | None]:

@@ -15,14 +15,14 @@ DISCORD_LIMIT = 2000
 PLACEHOLDER = "…"
 
 
-class Sink(Protocol):
+class ReplyTarget(Protocol):
     """Where a reply's messages go: a bot's channel or a persona's webhook."""
 
     async def post(self, content: str) -> int:
         """Send a new message; returns its id."""
 
     async def edit(self, message_id: int, content: str) -> None:
-        """Replace the content of a message this sink posted."""
+        """Replace the content of a message this target posted."""
 
     def typing(self) -> AbstractAsyncContextManager[object]:
         """Show 'is typing…' while the reply is being thought up."""
@@ -85,10 +85,10 @@ class ReplyStream:
     """Mirror a growing text into Discord messages; ``stop()`` ends it early, keeping what was written."""
 
     def __init__(
-        self, sink: Sink, limiter: EditLimiter, channel_id: int, *, placeholder_after: float = 0.8,
+        self, target: ReplyTarget, limiter: EditLimiter, channel_id: int, *, placeholder_after: float = 0.8,
         limit: int = DISCORD_LIMIT,
     ) -> None:
-        self.sink = sink
+        self.target = target
         self.limiter = limiter
         self.channel_id = channel_id
         self.placeholder_after = placeholder_after
@@ -108,7 +108,7 @@ class ReplyStream:
         """Stream ``pieces`` to Discord; returns the full text. The last write always has the final text."""
         self._pump = pump = asyncio.create_task(self._consume(pieces))
         try:
-            async with self.sink.typing():
+            async with self.target.typing():
                 await self._wait(pump, self.placeholder_after)
             while True:  # from here on something is visible: the text so far, or a placeholder
                 if self._target() == self._shown:
@@ -151,10 +151,10 @@ class ReplyStream:
         """Bring the first message that differs up to date: one write per limiter slot."""
         for i, chunk in enumerate(chunks):
             if i == len(self._shown):
-                self.message_ids.append(await self.sink.post(chunk))
+                self.message_ids.append(await self.target.post(chunk))
                 self._shown.append(chunk)
                 return
             if self._shown[i] != chunk:
-                await self.sink.edit(self.message_ids[i], chunk)
+                await self.target.edit(self.message_ids[i], chunk)
                 self._shown[i] = chunk
                 return

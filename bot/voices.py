@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import discord
 
 from .config import PersonaSpec
-from .streaming import Sink
+from .streaming import ReplyTarget
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Voice(ABC):
         """Whether ``message`` speaks to this persona (mention, or a reply to one of its messages)."""
 
     @abstractmethod
-    async def sink(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> Sink:
+    async def reply_target(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> ReplyTarget:
         """Where a reply in ``channel`` is written."""
 
     def _replies_to_me(self, message: discord.Message) -> bool:
@@ -66,8 +66,8 @@ class BotVoice(Voice):
         me = self.client.user
         return me is not None and (me.id in message.raw_mentions or self._replies_to_me(message))
 
-    async def sink(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> Sink:
-        return ChannelSink(channel, reply_to)
+    async def reply_target(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> ReplyTarget:
+        return ChannelTarget(channel, reply_to)
 
 
 class WebhookVoice(Voice):
@@ -84,15 +84,15 @@ class WebhookVoice(Voice):
     def addressed(self, message: discord.Message) -> bool:
         return bool(self._mention.search(message.content)) or self._replies_to_me(message)
 
-    async def sink(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> Sink:
+    async def reply_target(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> ReplyTarget:
         thread = channel if isinstance(channel, discord.Thread) else None
         parent = thread.parent if thread is not None else channel
         if not isinstance(parent, discord.TextChannel):
             raise RuntimeError(f"persona '{self.name}' (webhook mode) cannot post in {channel!r}")
-        return WebhookSink(await self.webhooks.get(parent), self.persona, channel, thread)
+        return WebhookTarget(await self.webhooks.get(parent), self.persona, channel, thread)
 
 
-class ChannelSink:
+class ChannelTarget:
     """Messages sent by the bot account itself; the first one replies to the message being answered."""
 
     def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message | None) -> None:
@@ -114,7 +114,7 @@ class ChannelSink:
         return typing(self.channel)
 
 
-class WebhookSink:
+class WebhookTarget:
     """Messages sent through a webhook with the persona's name and avatar."""
 
     def __init__(

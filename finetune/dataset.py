@@ -8,7 +8,7 @@ from typing import Any
 from datasets import Dataset
 
 from .conversation import Conversation, DataError
-from .prompt import render, stop_token_ids, with_system_prompt
+from .prompt import render, stop_token_ids, with_default_system_prompt
 
 IGNORE = -100
 
@@ -104,7 +104,7 @@ def tokenize(
         out = {"input_ids": [], "labels": [], "truncated": False, "problem": "", "warning": ""}
         try:
             enc = encode_conversation(
-                tokenizer, with_system_prompt(system_prompt, row["messages"]), chat_template, max_seq_len
+                tokenizer, with_default_system_prompt(system_prompt, row["messages"]), chat_template, max_seq_len
             )
         except DataError as exc:
             return out | {"problem": f"{row['origin']}: {exc}"}

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from .dataset import IGNORE, DataStats, build_datasets, encode_conversation
 from .persona import PersonaData
-from .prompt import with_system_prompt
+from .prompt import with_default_system_prompt
 
 
 def check(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_seq_len: int,
@@ -39,8 +39,8 @@ def preview(persona: PersonaData, tokenizer: Any, chat_template: str | None, max
     """Show rendered examples token by token: trained (character) tokens highlighted, the rest dim."""
     console.print(Text.assemble(("trained tokens", "bold green"), " / ", ("context (not trained)", "dim")))
     for conversation in persona.conversations[:count]:
-        enc = encode_conversation(tokenizer, with_system_prompt(persona.system_prompt, conversation.messages),
-                                  chat_template, max_seq_len)
+        messages = with_default_system_prompt(persona.system_prompt, conversation.messages)
+        enc = encode_conversation(tokenizer, messages, chat_template, max_seq_len)
         text = Text()
         for token, label in zip(enc.input_ids, enc.labels):
             piece = tokenizer.decode([token])

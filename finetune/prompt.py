@@ -5,7 +5,20 @@ from typing import Any
 
 
 def with_system_prompt(system_prompt: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Prepend the persona's system prompt unless the conversation already starts with its own."""
+    """Serving: the persona's system prompt, then any system context the messages start with (memories,
+    lorebook entries), as one system message, so added context never replaces the character."""
+    if not system_prompt:
+        return list(messages)
+    if messages and messages[0]["role"] == "system":
+        extra = messages[0]["content"]
+        merged = f"{system_prompt}\n\n{extra}" if extra else system_prompt
+        return [{"role": "system", "content": merged}, *messages[1:]]
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def with_default_system_prompt(system_prompt: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Training: a conversation that brings its own system prompt (ShareGPT's ``system``, a JSONL system turn)
+    trains with that prompt alone, as the data's author wrote it; the others get the persona's."""
     if not system_prompt or (messages and messages[0]["role"] == "system"):
         return list(messages)
     return [{"role": "system", "content": system_prompt}, *messages]

@@ -14,7 +14,7 @@ from fake_discord_harness import async_test
 
 from bot.config import ConfigError, Settings, load_personas, load_settings, persona_token, select
 from bot.engine import EngineConfig
-from bot.conversation import render, window_start
+from bot.history import to_messages, window_start
 from bot.queues import ChannelQueues
 from bot.streaming import PLACEHOLDER, EditLimiter, ReplyStream, split_message
 
@@ -65,7 +65,7 @@ async def test_limiter_spaces_writes_per_channel_and_globally():
 # streaming
 
 
-class Sink:
+class Target:
     """Records writes; the typing context counts how long 'typing' was shown."""
 
     def __init__(self) -> None:
@@ -98,42 +98,42 @@ async def pieces(text: str, delay: float, first: float = 0.0, closed: list | Non
 
 @async_test
 async def test_stream_posts_at_once_edits_at_the_cadence_and_the_final_text_lands():
-    sink = Sink()
+    target = Target()
     text = "the quick brown fox jumps over the lazy dog " * 3
-    stream = ReplyStream(sink, EditLimiter(per_channel=0.1, per_second=100), 1)
+    stream = ReplyStream(target, EditLimiter(per_channel=0.1, per_second=100), 1)
     assert await stream.run(pieces(text, 0.004)) == text
-    assert sink.writes[0][1] == "post" and len(sink.writes[0][2]) <= 4, "first text shows immediately"
-    assert sink.messages == {1: text.strip()}, "the final edit landed although the stream ended between ticks"
-    gaps = [b[0] - a[0] for a, b in zip(sink.writes, sink.writes[1:])]
-    assert all(g >= 0.095 for g in gaps) and len(sink.writes) <= 5
+    assert target.writes[0][1] == "post" and len(target.writes[0][2]) <= 4, "first text shows immediately"
+    assert target.messages == {1: text.strip()}, "the final edit landed although the stream ended between ticks"
+    gaps = [b[0] - a[0] for a, b in zip(target.writes, target.writes[1:])]
+    assert all(g >= 0.095 for g in gaps) and len(target.writes) <= 5
 
 
 @async_test
 async def test_stream_placeholder_empty_reply_error_and_stop():
-    sink = Sink()
-    stream = ReplyStream(sink, EditLimiter(0.01, 1000), 1, placeholder_after=0.05)
+    target = Target()
+    stream = ReplyStream(target, EditLimiter(0.01, 1000), 1, placeholder_after=0.05)
     await stream.run(pieces("late", 0.001, first=0.2))
-    assert sink.writes[0][1:] == ("post", PLACEHOLDER) and sink.messages == {1: "late"}
+    assert target.writes[0][1:] == ("post", PLACEHOLDER) and target.messages == {1: "late"}
 
-    sink = Sink()
-    await ReplyStream(sink, EditLimiter(0.01, 1000), 1).run(pieces("   ", 0.001))
-    assert sink.messages == {1: PLACEHOLDER}
+    target = Target()
+    await ReplyStream(target, EditLimiter(0.01, 1000), 1).run(pieces("   ", 0.001))
+    assert target.messages == {1: PLACEHOLDER}
 
     async def broken():
         yield "half a"
         raise RuntimeError("boom")
 
-    sink = Sink()
-    await ReplyStream(sink, EditLimiter(0.01, 1000), 1).run(broken())
-    assert sink.messages[1] == "half a\n⚠️ generation failed: boom"
+    target = Target()
+    await ReplyStream(target, EditLimiter(0.01, 1000), 1).run(broken())
+    assert target.messages[1] == "half a\n⚠️ generation failed: boom"
 
-    sink, closed = Sink(), []
-    stream = ReplyStream(sink, EditLimiter(0.01, 1000), 1)
+    target, closed = Target(), []
+    stream = ReplyStream(target, EditLimiter(0.01, 1000), 1)
     task = asyncio.create_task(stream.run(pieces("z" * 10_000, 0.01, closed=closed)))
     await asyncio.sleep(0.1)
     stream.stop()
     text = await asyncio.wait_for(task, 1)
-    assert closed and 0 < len(text) < 100 and sink.messages[1] == text, "stopped: what was written stays"
+    assert closed and 0 < len(text) < 100 and target.messages[1] == text, "stopped: what was written stays"
 
 
 # queues
@@ -168,17 +168,17 @@ def msg(author: str, text: str, *, mine: bool = False, kind=discord.MessageType.
                            type=kind, mine=mine)
 
 
-def test_render_names_speakers_merges_turns_and_keeps_the_newest():
+def test_to_messages_names_speakers_merges_turns_and_keeps_the_newest():
     history = [msg("Alice", "hi"), msg("Bob", "yo"), msg("Brine", "Arr.", mine=True),
                msg("Brine", "/reset", kind=discord.MessageType.chat_input_command), msg("Alice", "more?")]
-    assert render(history, lambda m: m.mine, max_messages=10, max_chars=1000) == [
+    assert to_messages(history, lambda m: m.mine, max_messages=10, max_chars=1000) == [
         {"role": "user", "content": "Alice: hi\nBob: yo"},
         {"role": "assistant", "content": "Arr."},
         {"role": "user", "content": "Alice: more?"},
     ]
-    assert render(history, lambda m: m.mine, max_messages=2, max_chars=1000) == [
+    assert to_messages(history, lambda m: m.mine, max_messages=2, max_chars=1000) == [
         {"role": "assistant", "content": "Arr."}, {"role": "user", "content": "Alice: more?"}]
-    assert render([msg("Alice", "x" * 50)], lambda m: False, max_messages=5, max_chars=10) == [
+    assert to_messages([msg("Alice", "x" * 50)], lambda m: False, max_messages=5, max_chars=10) == [
         {"role": "user", "content": "x" * 10}]
 
 
@@ -197,13 +197,13 @@ def test_context_window_start_moves_in_jumps_so_prompts_keep_their_prefix():
             floor = visible[start - 1].id
         window = visible[start:]
         assert window[-1] is channel[now - 1], "the newest message is always in the context"
-        prompts.append(render(window, owns, max_messages=limit, max_chars=chars))
+        prompts.append(to_messages(window, owns, max_messages=limit, max_chars=chars))
         sizes.append(len(window))
     assert max(sizes) == limit and min(sizes[limit:]) >= limit // 2, "never more than fits, never under half"
     kept = sum(new[: len(old) - 1] == old[:-1] for old, new in zip(prompts, prompts[1:]))
     assert kept >= 0.85 * (len(prompts) - 1), f"only {kept} of {len(prompts) - 1} prompts extend the previous one"
     # sliding by one message instead (the window's floor never set) changes the start of nearly every prompt
-    slide = [render(channel[max(0, n - limit):n], owns, max_messages=limit, max_chars=chars) for n in range(1, 121)]
+    slide = [to_messages(channel[max(0, n - limit):n], owns, max_messages=limit, max_chars=chars) for n in range(1, 121)]
     assert sum(new[: len(old) - 1] == old[:-1] for old, new in zip(slide, slide[1:])) < 0.3 * 119
 
     tight = [msg("Alice", "y" * 100) for _ in range(5)]

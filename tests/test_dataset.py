@@ -8,7 +8,7 @@ from finetune.conversation import Conversation
 from finetune.dataset import (
     IGNORE, DataStats, build_datasets, encode_conversation, make_collator, split_conversations, tokenize,
 )
-from finetune.prompt import encode_prompt, render, with_system_prompt
+from finetune.prompt import encode_prompt, render, with_default_system_prompt, with_system_prompt
 
 CONVO = [
     {"role": "system", "content": "You are Brine."},
@@ -58,11 +58,14 @@ def test_serving_prompt_is_the_training_prefix(tiny_tokenizer):
     assert tiny_tokenizer.decode(full[len(prompt):]).startswith("Harrumph.")
 
 
-def test_system_prompt_prepended_only_when_missing():
+def test_serving_adds_a_leading_system_turn_to_the_prompt_training_lets_it_win():
     msgs = [{"role": "user", "content": "hi"}]
-    assert with_system_prompt("S", msgs)[0] == {"role": "system", "content": "S"}
     own = [{"role": "system", "content": "own"}, *msgs]
-    assert with_system_prompt("S", own) == own
+    for prepend in (with_system_prompt, with_default_system_prompt):
+        assert prepend("S", msgs) == [{"role": "system", "content": "S"}, *msgs]
+        assert prepend("", own) == own
+    assert with_system_prompt("S", own) == [{"role": "system", "content": "S\n\nown"}, *msgs]
+    assert with_default_system_prompt("S", own) == own
 
 
 def test_truncation_is_flagged_and_counted(tiny_tokenizer):

@@ -36,7 +36,7 @@ async def _parent(message: discord.Message) -> discord.Message | None:
         return None
 
 
-def render(
+def to_messages(
     history: list[discord.Message], owns: Callable[[discord.Message], bool], *, max_messages: int, max_chars: int
 ) -> list[dict[str, str]]:
     """Chat turns for the engine: the persona's own messages are ``assistant``, everyone else speaks as
