@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
 serve)
     TAIL=15 step gpu-tests 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_graphs.py \
-        tests/test_engine_fused.py tests/test_engine_local.py tests/test_attention.py tests/test_train.py
+        tests/test_engine_liger.py tests/test_engine_local.py tests/test_attention.py tests/test_train.py
     # not GPU-only (a CPU runs it under Triton's interpreter, which the image's Triton 3.6 cannot): here on CUDA
     TAIL=5 step fused-loss 60 python -m pytest -q -p no:cacheprovider tests/test_dataset.py -k fused_linear_cross
     step serve 240 python bench/serve.py "${SERVE_BASE[@]}" --quantization none --new-tokens 64 --rounds 2
