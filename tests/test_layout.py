@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 TRAINING_ONLY = ("finetune.readers", "finetune.persona", "finetune.dataset", "finetune.train", "PIL", "datasets")
 
@@ -28,3 +32,17 @@ def test_the_local_engine_loads_no_training_code(run_python):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+def test_the_readme_layout_names_every_module():
+    """README's "How the code is laid out" lists every module and package folder of bot/ and finetune/."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"[\w]+(?:\.py|/)", section))
+    for package in ("bot", "finetune"):
+        for path in (REPO / package).rglob("*"):
+            if path.name == "__init__.py" or "__pycache__" in path.parts:
+                continue
+            if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
+                name = path.name + ("/" if path.is_dir() else "")
+                assert name in named, f"README's layout section does not mention {path.relative_to(REPO)}"
