@@ -10,28 +10,23 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINING_ONLY = ("finetune.readers", "finetune.persona", "finetune.dataset", "finetune.train", "PIL", "datasets")
 
 
-def test_the_bot_imports_only_the_contract(run_python):
-    """In a fresh interpreter, the bot and its engine interface load none of the training side (data readers,
-    dataset building, the trainer, Pillow, datasets), and not torch either: an openai-engine bot never needs it."""
-    out = run_python(
-        "import json, sys\n"
-        "import bot.app, bot.cli, bot.engine, bot.engine.openai\n"
-        f"print(json.dumps([m for m in {TRAINING_ONLY + ('torch',)!r} if m in sys.modules]))\n"
-    )
+def loaded(run_python, imports: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after ``import {imports}``."""
+    out = run_python(f"import json, sys\nimport {imports}\nprint(json.dumps([m for m in {modules!r} if m in sys.modules]))")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == []
+    return json.loads(out.stdout)
+
+
+def test_the_bot_imports_only_the_contract(run_python):
+    """The bot and its engine interface load none of the training side (data readers, dataset building, the
+    trainer, Pillow, datasets), and not torch either: an openai-engine bot never needs it."""
+    assert loaded(run_python, "bot.app, bot.cli, bot.engine, bot.engine.openai", (*TRAINING_ONLY, "torch")) == []
 
 
 def test_the_local_engine_loads_no_training_code(run_python):
     """(Pillow is left out here: transformers' chat-template code imports it whenever it is installed.)"""
-    ours = tuple(m for m in TRAINING_ONLY if m.startswith("finetune.")) + ("datasets",)
-    out = run_python(
-        "import json, sys\n"
-        "import bot.engine.local\n"
-        f"print(json.dumps([m for m in {ours!r} if m in sys.modules]))\n"
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == []
+    ours = (*(m for m in TRAINING_ONLY if m.startswith("finetune.")), "datasets")
+    assert loaded(run_python, "bot.engine.local", ours) == []
 
 
 def test_the_readme_layout_names_every_module():
