@@ -165,7 +165,7 @@ def parse_card(raw: Any, where: str, seed: str = "") -> Card:
     for key in sorted(set(extensions) - _QUIET_EXTENSIONS):
         if extensions[key] not in (None, "", [], {}, False):
             problems.append(f"{where}: field '{prefix}extensions.{key}' ignored (an application's own data)")
-    if extensions.get("world"):
+    if extensions.get("world") and (lorebook is None or lorebook.name != extensions["world"]):
         problems.append(
             f"{where}: field '{prefix}extensions.world' ignored: world book {extensions['world']!r} lives "
             "outside the card (only the card's own character_book is used)"

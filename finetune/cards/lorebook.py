@@ -134,12 +134,9 @@ def triggered_entries(
     ``token_budget`` (the caller's cap, e.g. a share of the context) and the book's own ``token_budget``
     both apply; entries are admitted by priority until the next one does not fit, as the spec asks
     ("remove the lowest priority entries")."""
-    active: list[LoreEntry] = []
-    pending = [e for e in book.entries if e.enabled and e.content and e.force is not False]
-    for entry in list(pending):
-        if entry.force or entry.constant or entry_matches(entry, _window(recent, entry, book)):
-            active.append(entry)
-            pending.remove(entry)
+    candidates = [e for e in book.entries if e.enabled and e.content and e.force is not False]
+    active = [e for e in candidates if e.force or e.constant or entry_matches(e, _window(recent, e, book))]
+    pending = [e for e in candidates if all(e is not a for a in active)]
     steps = 0
     while book.recursive and pending and steps < MAX_RECURSION:
         steps += 1
@@ -148,7 +145,7 @@ def triggered_entries(
         if not found:
             break
         active.extend(found)
-        pending = [e for e in pending if e not in found]
+        pending = [e for e in pending if all(e is not f for f in found)]
     budgets = [b for b in (token_budget, book.token_budget) if b is not None and b > 0]
     budget = min(budgets) if budgets else None
     order = {id(e): i for i, e in enumerate(book.entries)}
@@ -166,7 +163,7 @@ def triggered_entries(
 def _window(recent: Sequence[str], entry: LoreEntry, book: Lorebook) -> str:
     depth = entry.scan_depth if entry.scan_depth is not None else book.scan_depth
     depth = DEFAULT_SCAN_DEPTH if depth is None else max(depth, 0)
-    return "\n".join(recent[len(recent) - depth:]) if depth else ""
+    return "\n".join(recent[max(len(recent) - depth, 0):]) if depth else ""
 
 
 _ROLES = {0: "system", 1: "user", 2: "assistant", "system": "system", "user": "user", "assistant": "assistant"}

@@ -44,7 +44,7 @@ def expand(text: str, ctx: MacroContext, where: str = "", problems: list[str] | 
     text = _LEGACY.sub(lambda m: ctx.user if m[1].lower() == "user" else ctx.char, text)
     if "{{" not in text:
         return text
-    rng_key = f"{ctx.seed}\0{where}\0{text}"
+    rng_key = f"{ctx.seed}\0{text}"  # not where: moving the file must not change the text
     text = _ROLL.sub(lambda m: _roll(m[1], f"{rng_key}\0{m.start()}", where, problems), text)
     text = _RANDOM_USER.sub(lambda m: random_user(m[1]), text)
 
