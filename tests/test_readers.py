@@ -446,3 +446,46 @@ def test_read_source_dispatch_and_errors(tmp_path: Path) -> None:
         DataError, match="unknown format 'csv'; valid formats: jsonl, sharegpt, card, script, discord"
     ):
         read_source(script, format="csv")
+
+
+SHAKESPEARE = Path(__file__).parent / "data" / "tinyshakespeare_excerpt.txt"
+
+
+def test_script_verse_with_colons_makes_no_speakers() -> None:
+    """tinyshakespeare: "NAME:" on its own line, and verse lines with a colon inside a speech."""
+    result = read_script(SHAKESPEARE, "ROMEO")
+    (conversation,) = result.conversations
+    romeo = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+    assert len(romeo) == 3
+    assert romeo[0].startswith("He jests at scars") and romeo[0].endswith(
+        "She speaks yet she says nothing: what of that?\nHer eye discourses; I will answer it.")
+    assert romeo[1].startswith("She speaks:\nO, speak again, bright angel!")
+    users = [m["content"] for m in conversation.messages if m["role"] == "user"]
+    assert users[0].startswith("First Citizen: Before we proceed")
+    assert "\nSecond Citizen: One word, good citizens." in users[0]  # a tag once, but it opens a speech
+    assert "but they think we are too dear: the leanness that" in users[0]
+    assert users[-2].startswith("JULIET: O Romeo, Romeo!") and users[-1].startswith("JULIET: 'Tis but")
+
+
+def test_script_reports_suspect_tags_and_missing_scene_breaks() -> None:
+    problems = read_script(SHAKESPEARE, "ROMEO").problems
+    suspect = [p for p in problems if "not a new speaker" in p]
+    assert suspect == [
+        f"{SHAKESPEARE}:21: 'but they think we are too dear:' read as part of the speech, not a new speaker "
+        "(a tag must be in capitals, open a paragraph, or be used on two or more lines)",
+        f"{SHAKESPEARE}:38: 'She speaks yet she says nothing:' read as part of the speech, not a new speaker "
+        "(a tag must be in capitals, open a paragraph, or be used on two or more lines)",
+        f"{SHAKESPEARE}:45: 'She speaks:' read as part of the speech, not a new speaker "
+        "(a tag must be in capitals, open a paragraph, or be used on two or more lines)",
+    ]
+    assert problems[-1] == (
+        f"{SHAKESPEARE}: no scene breaks, so the whole file is one conversation; put a line of --- between "
+        "scenes (or two blank lines) so that each scene trains on its own"
+    )
+
+
+def test_script_blank_line_runs_split_scenes_when_there_are_no_breaks(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.txt", "SAM: Hi.\nBRINE: Aye.\n\n\nSAM: Again?\nBRINE: Aye.\n")
+    result = read_script(path, "BRINE")
+    assert [c.messages for c in result.conversations] == [[user("Hi."), bot("Aye.")], [user("Again?"), bot("Aye.")]]
+    assert result.problems == []
