@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from .bundle import Manifest
 from .inference import stream_reply
@@ -13,7 +14,7 @@ COMMANDS = "/reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
 def chat_loop(model: Any, tokenizer: Any, manifest: Manifest, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]{manifest.name}[/bold] is listening. {COMMANDS}.")
+    console.print(f"[bold]{escape(manifest.name)}[/bold] is listening. {COMMANDS}.")
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -30,7 +31,7 @@ def chat_loop(model: Any, tokenizer: Any, manifest: Manifest, console: Console |
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        console.print(f"[bold magenta]{manifest.name}>[/bold magenta] ", end="")
+        console.print(f"[bold magenta]{escape(manifest.name)}>[/bold magenta] ", end="")
         pieces = []
         for piece in stream_reply(model, tokenizer, manifest, history):
             pieces.append(piece)

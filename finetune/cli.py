@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from .bundle import BundleError
@@ -44,7 +45,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, ModelError, BundleError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -74,7 +75,7 @@ def train(
     with _errors():
         cfg = load_config(_recipe(config), set_)
         out = run_training(cfg, resume=str(resume_from) if resume_from else resume)
-    console.print(f"[bold green]done:[/bold green] adapter bundle at {out}")
+    console.print(f"[bold green]done:[/bold green] adapter bundle at {escape(str(out))}")
 
 
 def _data_inputs(path: Path, base_model: str):
@@ -120,7 +121,7 @@ def data_preview(
 
 
 def _print_report(name: str, report) -> None:
-    table = Table(title=f"{name}: {report.examples} held-out conversations")
+    table = Table(title=escape(f"{name}: {report.examples} held-out conversations"))
     for col in ("", "base + system prompt", "adapter"):
         table.add_column(col)
     table.add_row("loss", f"{report.base_loss:.4f}", f"{report.adapter_loss:.4f}")
@@ -129,9 +130,9 @@ def _print_report(name: str, report) -> None:
         table.add_row("style checks passed", f"{report.base_style:.0%}", f"{report.adapter_style:.0%}")
     console.print(table)
     for s in report.samples:
-        console.rule(f"user: {s.prompt}")
-        console.print(f"[dim]base:[/dim] {s.base}", highlight=False)
-        console.print(f"[bold]adapter:[/bold] {s.adapter}", highlight=False)
+        console.rule(escape(f"user: {s.prompt}"))
+        console.print(f"[dim]base:[/dim] {escape(s.base)}", highlight=False)
+        console.print(f"[bold]adapter:[/bold] {escape(s.adapter)}", highlight=False)
 
 
 @app.command("eval")
@@ -175,7 +176,7 @@ def export(
 
     with _errors():
         path = export_merged(bundle, out)
-    console.print(f"[bold green]done:[/bold green] merged model at {path}")
+    console.print(f"[bold green]done:[/bold green] merged model at {escape(str(path))}")
 
 
 @app.command()

@@ -16,10 +16,21 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Conversation:
-    """One training dialogue in chat-message form; ``origin`` is ``file:line`` for error messages."""
+    """One training dialogue in chat-message form; ``origin`` is ``file:line`` for error messages.
+
+    ``context_turns``: indices of assistant messages that are context only, not trained (OpenAI's
+    ``weight: 0``); they render exactly like the others."""
 
     messages: list[dict[str, str]]
     origin: str
+    context_turns: frozenset[int] = frozenset()
+
+    @classmethod
+    def weighted(cls, messages: list[dict[str, Any]], origin: str) -> Conversation:
+        """From tidy messages that may carry ``"weight": 0`` (context only); the key does not stay."""
+        context = frozenset(i for i, m in enumerate(messages) if m.get("weight", 1) == 0)
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return cls(plain, origin, context)
 
 
 @dataclass
@@ -38,22 +49,26 @@ class ReadResult:
         self.system_prompt = self.system_prompt or other.system_prompt
 
 
-def tidy_messages(messages: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+def tidy_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Strip, drop empty and merge same-role neighbours, so training sees clean alternating turns.
 
-    Raises ValueError when nothing the character says is left: such a dialogue teaches nothing.
+    A ``"weight"`` key (0: context only) stays, and only messages of equal weight merge.
+    Raises ValueError when nothing the character says is left to train: such a dialogue teaches nothing.
     """
-    tidy: list[dict[str, str]] = []
+    tidy: list[dict[str, Any]] = []
     for message in messages:
         content = message["content"].strip()
         if not content:
             continue
-        if tidy and tidy[-1]["role"] == message["role"]:
+        weight = {"weight": message["weight"]} if "weight" in message else {}
+        if tidy and tidy[-1]["role"] == message["role"] and tidy[-1].get("weight", 1) == message.get("weight", 1):
             tidy[-1]["content"] += "\n" + content
         else:
-            tidy.append({"role": message["role"], "content": content})
+            tidy.append({"role": message["role"], "content": content, **weight})
     if not any(m["role"] == "assistant" for m in tidy):
         raise ValueError("no turns by the character")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in tidy):
+        raise ValueError("no trained turns by the character (every assistant message has weight 0)")
     return tidy
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .dataset import IGNORE, DataStats, build_datasets, encode_conversation
+from .dataset import IGNORE, DataStats, build_datasets, fit_examples
 from .persona import PersonaData
-from .prompt import with_default_system_prompt
+
+TRAINED_MARKS = ("⟦", "⟧")  # where colour cannot show what is trained (a pipe, a file)
 
 
 def check(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_seq_len: int,
@@ -19,15 +21,15 @@ def check(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_s
                                  max_seq_len, eval_fraction, seed)
     stats.problems[:0] = persona.problems
     turns = sum(1 for c in persona.conversations for m in c.messages if m["role"] == "assistant")
-    table = Table(title=f"{persona.name}: {', '.join(str(f) for f in persona.files)}", show_header=False)
+    table = Table(title=escape(f"{persona.name}: {', '.join(str(f) for f in persona.files)}"), show_header=False)
     for label, value in [
         ("conversations", stats.conversations), ("character turns", turns),
         ("train / eval examples", f"{stats.train_examples} / {stats.eval_examples}"),
         ("tokens (trained)", f"{stats.tokens} ({stats.trained_tokens})"),
         ("longest example", f"{stats.max_len} tokens (max_seq_len {max_seq_len})"),
-        ("truncated", stats.truncated), ("problems", len(stats.problems)),
+        ("split to fit max_seq_len", stats.split), ("problems", len(stats.problems)),
     ]:
-        table.add_row(label, str(value))
+        table.add_row(escape(label), escape(str(value)))
     console.print(table)
     for problem in stats.problems:
         console.print(Text(problem, style="yellow"), soft_wrap=True)
@@ -36,14 +38,35 @@ def check(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_s
 
 def preview(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_seq_len: int, count: int,
             console: Console) -> None:
-    """Show rendered examples token by token: trained (character) tokens highlighted, the rest dim."""
-    console.print(Text.assemble(("trained tokens", "bold green"), " / ", ("context (not trained)", "dim")))
+    """Show the examples token by token as training sees them: trained (character) tokens highlighted,
+    the rest dim; without a terminal, trained spans are marked ⟦ ⟧ instead. Lines are never re-wrapped."""
+    marks = not console.is_terminal
+    legend = (f"trained tokens {TRAINED_MARKS[0]}like this{TRAINED_MARKS[1]}" if marks
+              else Text.assemble(("trained tokens", "bold green"), " / ", ("context (not trained)", "dim")))
+    console.print(legend, soft_wrap=True)
     for conversation in persona.conversations[:count]:
-        messages = with_default_system_prompt(persona.system_prompt, conversation.messages)
-        enc = encode_conversation(tokenizer, messages, chat_template, max_seq_len)
-        text = Text()
-        for token, label in zip(enc.input_ids, enc.labels):
-            piece = tokenizer.decode([token])
-            text.append(piece, style="bold green" if label != IGNORE else "dim")
-        console.rule(conversation.origin + ("  [truncated]" if enc.truncated else ""))
-        console.print(text)
+        examples, problems = fit_examples(tokenizer, persona.system_prompt, conversation, chat_template,
+                                          max_seq_len)
+        for i, enc in enumerate(examples):
+            title = conversation.origin + (f"  (window {i + 1} of {len(examples)})" if len(examples) > 1 else "")
+            if marks:
+                console.print(Text(f"── {title}"), soft_wrap=True)
+            else:
+                console.rule(Text(title))
+            console.print(_rendered(tokenizer, enc.input_ids, enc.labels, marks), soft_wrap=True)
+        for problem in problems:
+            console.print(Text(problem, style="yellow"), soft_wrap=True)
+
+
+def _rendered(tokenizer: Any, ids: list[int], labels: list[int], marks: bool) -> Text:
+    text = Text()
+    inside = False
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE
+        if marks and trained != inside:
+            text.append(TRAINED_MARKS[0] if trained else TRAINED_MARKS[1])
+            inside = trained
+        text.append(tokenizer.decode([token]), style="bold green" if trained else "dim")
+    if inside:
+        text.append(TRAINED_MARKS[1])
+    return text

@@ -178,8 +178,8 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
     for problem in stats.problems:
         log.warning("data: %s", problem)
     log.info(
-        "data: %d train / %d eval examples, %d tokens (%d trained), %d truncated",
-        stats.train_examples, stats.eval_examples, stats.tokens, stats.trained_tokens, stats.truncated,
+        "data: %d train / %d eval examples, %d tokens (%d trained), %d split to fit max_seq_len",
+        stats.train_examples, stats.eval_examples, stats.tokens, stats.trained_tokens, stats.split,
     )
 
     attention = packed_attention(cfg.train.varlen_attention) if cfg.data.packing else "sdpa"

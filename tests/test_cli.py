@@ -59,6 +59,27 @@ def test_data_preview_renders_template(tiny_persona, tiny_model_dir):
     assert "<|im_start|>system" in result.output and "Arr, the tide be fine, lad." in result.output
 
 
+def test_piped_preview_marks_trained_spans_and_does_not_wrap(tiny_persona, tiny_model_dir):
+    long_question = "tell me [draft] about " + "the wide and the windy " * 6 + "sea"
+    with open(tiny_persona / "dialogue.jsonl", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": long_question},
+                                          {"role": "assistant", "content": "Arr, [truncated] lad."}]}) + "\n")
+    result = runner.invoke(app, ["data", "preview", str(tiny_persona), "--base-model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert long_question + "<|im_end|>" in lines  # one line, brackets and all: no markup, no wrap at 80
+    assert f"── {tiny_persona / 'dialogue.jsonl'}:1" in lines  # the origin in full, not cut to 80 columns
+    assert "⟦Arr, [truncated] lad.<|im_end|>" in result.output  # trained span marked without colour
+    assert result.output.count("⟦") == 2  # the legend and the one reply: the prompt is not marked
+
+
+def test_errors_keep_bracketed_text(tmp_path):
+    card = tmp_path / "card [draft].json"
+    card.write_text("{not json", encoding="utf-8")
+    result = runner.invoke(app, ["data", "check", str(card)])
+    assert result.exit_code == 2 and "card [draft].json" in result.output
+
+
 def test_train_cli_and_clear_errors(tiny_persona, tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     cfg = tmp_path / "c.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.conversation import Conversation
+from finetune.conversation import Conversation, DataError
 from finetune.dataset import (
     IGNORE, DataStats, build_datasets, encode_conversation, make_collator, split_conversations, tokenize,
 )
@@ -68,14 +68,61 @@ def test_serving_adds_a_leading_system_turn_to_the_prompt_training_lets_it_win()
     assert with_default_system_prompt("S", own) == own
 
 
-def test_truncation_is_flagged_and_counted(tiny_tokenizer):
-    enc = encode_conversation(tiny_tokenizer, CONVO, max_seq_len=20)
-    assert enc.truncated and len(enc.input_ids) == 20
+def test_weight_zero_turns_render_the_same_and_are_not_trained(tiny_tokenizer):
+    plain = encode_conversation(tiny_tokenizer, CONVO)
+    enc = encode_conversation(tiny_tokenizer, CONVO, context_turns=frozenset({2}))
+    assert enc.input_ids == plain.input_ids  # the prompt the model sees does not change
+    assert _trained_text(tiny_tokenizer, enc) == "Harrumph. Storms, lad.<|im_end|>\n"
     stats = DataStats()
-    convos = [Conversation(CONVO[1:], "f.jsonl:1")]
-    ds = tokenize(convos, tiny_tokenizer, "You are Brine.", None, 4, stats)
-    assert len(ds) == 0
-    assert stats.problems == ["f.jsonl:1: no character tokens left within max_seq_len=4"]
+    convo = Conversation(CONVO[1:], "f.jsonl:1", context_turns=frozenset({1}))  # indices without the system turn
+    ds = tokenize([convo], tiny_tokenizer, "You are Brine.", None, 256, stats)
+    assert ds[0]["labels"] == enc.labels
+
+
+def _long_convo(turns: int) -> list[dict[str, str]]:
+    convo = []
+    for i in range(turns):
+        convo += [{"role": "user", "content": f"question number {i} about the sea and the ships"},
+                  {"role": "assistant", "content": f"Answer {i}: the sea be wide and the ships be many, lad."}]
+    return convo
+
+
+def test_long_conversations_drop_oldest_turns_and_never_cut_a_reply(tiny_tokenizer):
+    convo = _long_convo(12)
+    whole = len(encode_conversation(tiny_tokenizer, with_system_prompt("You are Brine.", convo)).input_ids)
+    stats = DataStats()
+    ds = tokenize([Conversation(convo, "f.jsonl:1")], tiny_tokenizer, "You are Brine.", None, whole // 3, stats)
+    assert len(ds) >= 3 and stats.split == 1 and stats.problems == []
+    eos = tiny_tokenizer.eos_token_id
+    trained = []
+    for row in ds:
+        assert len(row["input_ids"]) <= whole // 3
+        text = tiny_tokenizer.decode(row["input_ids"])
+        assert text.startswith("<|im_start|>system\nYou are Brine.")  # the system prompt always stays
+        assert row["labels"][-2:] == row["input_ids"][-2:] and eos in row["labels"][-2:]  # reply ends whole
+        trained.append(tiny_tokenizer.decode([t for t in row["labels"] if t != IGNORE]))
+    # every reply is trained exactly once; earlier replies in a window are context
+    answers = "".join(trained)
+    assert [answers.count(f"Answer {i}:") for i in range(12)] == [1] * 12
+
+
+def test_a_reply_too_long_for_max_seq_len_is_refused_by_name(tiny_tokenizer):
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 60},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "Aye."}]
+    stats = DataStats()
+    ds = tokenize([Conversation(convo, "f.jsonl:1")], tiny_tokenizer, "S", None, 40, stats)
+    assert len(ds) == 1 and stats.problems == [
+        "f.jsonl:1: the character's reply (message 2) does not fit max_seq_len=40 even with no earlier turns; "
+        "it is not trained (raise max_seq_len or split the reply)"
+    ]
+
+
+def test_a_system_prompt_longer_than_max_seq_len_is_one_clear_error(tiny_tokenizer):
+    with pytest.raises(DataError, match=(
+        r"the system prompt alone is \d+ tokens: max_seq_len=32 leaves no room for any reply; "
+        r"raise max_seq_len \(data.max_seq_len in the training config, --max-seq-len for `finetune data`\) "
+        r"to at least \d+, or shorten the prompt \(for a card: description, personality, scenario\)")):
+        build_datasets([Conversation(CONVO[1:], "f:1")], tiny_tokenizer, "word " * 40, None, 32, 0.0, 0)
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -93,7 +140,7 @@ def test_build_datasets_counts(tiny_tokenizer):
     train, evals, stats = build_datasets(convos, tiny_tokenizer, "You are Brine.", None, 256, 0.1, 0)
     assert (stats.train_examples, stats.eval_examples) == (18, 2)
     assert len(train) == 18 and evals is not None and len(evals) == 2
-    assert stats.trained_tokens < stats.tokens and stats.truncated == 0
+    assert stats.trained_tokens < stats.tokens and stats.split == 0
 
 
 def test_packing_keeps_conversations_independent(tiny_model_dir, tiny_tokenizer):

@@ -489,3 +489,30 @@ def test_script_blank_line_runs_split_scenes_when_there_are_no_breaks(tmp_path: 
     result = read_script(path, "BRINE")
     assert [c.messages for c in result.conversations] == [[user("Hi."), bot("Aye.")], [user("Again?"), bot("Aye.")]]
     assert result.problems == []
+
+
+OPENAI_FT = Path(__file__).parent / "data" / "openai_finetune.jsonl"
+
+
+def test_openai_weight_zero_is_context_and_names_label_users() -> None:
+    result = read_jsonl(OPENAI_FT)
+    first, second = result.conversations
+    assert first.messages[2] == bot("Paris") and first.context_turns == frozenset({2})
+    assert second.messages == [
+        user("sam: Who wrote Romeo and Juliet?\njo: Wasn't it Marlowe?"),
+        bot("Oh, just some guy named William Shakespeare. Ever heard of him?"),
+    ]
+    assert second.context_turns == frozenset()
+
+
+def test_openai_dpo_multimodal_and_tool_records_are_refused_whole() -> None:
+    problems = read_jsonl(OPENAI_FT).problems
+    assert problems == [
+        f"{OPENAI_FT}:3: a preference (DPO) record ('preferred_output'); personabot trains on conversations: "
+        "put the preferred answer in a 'messages' record",
+        f"{OPENAI_FT}:4: messages[0]: content part of type 'image_url'; only text trains, so the record is skipped",
+        f"{OPENAI_FT}:5: a tool-calling record ('tools'); tool calls cannot train a character, so the record "
+        "is skipped",
+        f"{OPENAI_FT}:6: no trained turns by the character (every assistant message has weight 0)",
+        f"{OPENAI_FT}:7: messages[1]: weight must be 0 or 1, got 0.5",
+    ]
