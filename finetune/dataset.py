@@ -187,7 +187,7 @@ def tokenize(
         return Dataset.from_dict({"input_ids": [], "labels": []})
     ds = Dataset.from_list(rows).map(encode, batched=True, batch_size=16,
                                      remove_columns=["messages", "origin", "context_turns"], desc=desc)
-    stats.problems.extend(p for notes in ds["notes"] for p in dict.fromkeys(notes))
+    stats.problems.extend(dict.fromkeys(p for notes in ds["notes"] for p in notes))  # once, not per window
     stats.split += sum(ds["split"])
     ds = ds.filter(lambda r: len(r["input_ids"]) > 0)
     lengths = [len(x) for x in ds["input_ids"]]

@@ -11,7 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from finetune.cards.card import parse_card
-from finetune.cards.context import CardContext, apply_card_context
+from finetune.cards.context import CardContext, CardTurns, apply_card_context
 from finetune.cards.examples import card_conversations, lorebook_usage
 from finetune.cards.files import load_card_json
 from finetune.cards.lorebook import LoreEntry, Lorebook, parse_character_book, triggered_entries
@@ -218,17 +218,15 @@ def test_lorebook_problems_name_the_entry() -> None:
 def test_apply_card_context_places_lore_depth_prompt_and_post_history() -> None:
     context = parse_card(wren(), "wren.json").context()
     history = [user("hi"), bot("Hm."), user("Did your father keep the lamp?")]
-    messages = apply_card_context("PERSONA", history, context, words)
-    system = messages[0]["content"]
-    # before_char lore ahead of the persona prompt, after_char behind it; the prompt is never replaced
-    assert system.index("Gull Rock is three miles") < system.index("The lamp burns") < system.index("PERSONA")
-    assert system.index("PERSONA") < system.index("Did your father keep the light?")
-    assert messages[1:] == [
+    added = apply_card_context(history, context, words)
+    # before_char lore first, in insertion order, then after_char (the dialogue entry about the father)
+    assert [b.split()[0] for b in added.blocks] == ["Gull", "The", "User:"]
+    assert added.turns == [
         user("hi"), {"role": "system", "content": "Wren is tired and wants to sleep."}, bot("Hm."),
         user("Did your father keep the lamp?"), {"role": "system", "content": "Stay terse."},
     ]
-    assert apply_card_context("P", [user("x")], CardContext(), words) == [
-        {"role": "system", "content": "P"}, user("x")]
+    assert history == [user("hi"), bot("Hm."), user("Did your father keep the lamp?")]  # not modified
+    assert apply_card_context([user("x")], CardContext(), words) == CardTurns([], [user("x")])
 
 
 # --- files -----------------------------------------------------------------------------------------

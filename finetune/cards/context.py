@@ -1,9 +1,10 @@
 """A card's serve-time state and the one function that puts it into a chat: for the bot's prompt seam.
 
-SillyTavern's order: lorebook entries "before_char" go ahead of the character's prompt and "after_char"
-after it (both inside the system prompt, which they extend, never replace); the depth prompt and
-"at_depth" entries go ``depth`` messages from the end of the chat; post-history instructions come after
-the last message. Standard library only, so the bot can import it without the readers."""
+Lorebook entries join the system prompt after the persona's own ("before_char" ones first: the bot's
+seam always puts the character first, so it is extended, never replaced); the depth prompt and "at_depth"
+entries go ``depth`` messages from the end of the chat, as SillyTavern puts them; post-history
+instructions come after the last message. Standard library only, so the bot can import it without the
+readers."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,25 +43,32 @@ class CardContext:
         return self == CardContext()
 
 
+@dataclass(frozen=True)
+class CardTurns:
+    """What a card adds to one reply: system blocks for the prompt seam, and the turns to send."""
+
+    blocks: list[str]  # triggered lore, in insertion order: appended to the persona's system prompt
+    turns: list[Message]  # the history with the depth prompt, depth entries and post-history instructions
+
+
 def apply_card_context(
-    system_prompt: str,
     history: list[Message],
     context: CardContext,
     count_tokens: Callable[[str], int],
     lore_budget: int | None = None,
-) -> list[Message]:
-    """Engine messages for one reply: ``system_prompt`` extended by the triggered lore, then ``history``
-    with the depth prompt, depth entries and post-history instructions placed as SillyTavern places them.
+) -> CardTurns:
+    """Place a card's serve-time state around ``history`` (user/assistant turns, oldest first).
 
-    ``lore_budget`` caps the lorebook's tokens (the book's own ``token_budget`` applies too)."""
+    Lorebook entries triggered by the recent turns become system blocks ("before_char" ones first); the
+    depth prompt and "at_depth" entries go ``depth`` turns from the end; post-history instructions follow
+    the last turn. ``lore_budget`` caps the lore's tokens (the book's own ``token_budget`` applies too)."""
     entries = []
     if context.lorebook is not None:
         recent = [m["content"] for m in history if m["role"] != "system"]
         entries = triggered_entries(context.lorebook, recent, count_tokens, lore_budget)
-    before = [e.content for e in entries if e.position == "before_char"]
-    after = [e.content for e in entries if e.position == "after_char"]
-    system = "\n\n".join(p for p in (*before, system_prompt, *after) if p)
-    chat = list(history)
+    blocks = [e.content for e in entries if e.position == "before_char"]
+    blocks += [e.content for e in entries if e.position == "after_char"]
+    turns = [dict(m) for m in history]
     inserts: list[tuple[int, Message]] = [
         (e.depth, {"role": e.role, "content": e.content}) for e in entries if e.position == "at_depth"
     ]
@@ -68,7 +76,7 @@ def apply_card_context(
         inserts.append((context.depth_prompt_depth,
                         {"role": context.depth_prompt_role, "content": context.depth_prompt}))
     for depth, message in sorted(inserts, key=lambda x: -x[0]):  # deepest first keeps the others' depth
-        chat.insert(max(len(chat) - depth, 0), message)
+        turns.insert(max(len(turns) - depth, 0), message)
     if context.post_history_instructions:
-        chat.append({"role": "system", "content": context.post_history_instructions})
-    return ([{"role": "system", "content": system}] if system else []) + chat
+        turns.append({"role": "system", "content": context.post_history_instructions})
+    return CardTurns(blocks, turns)
