@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .cards.context import CardContext
 from .validation import describe
 
 MANIFEST = "persona.json"
@@ -75,6 +76,8 @@ class Manifest(BaseModel):
     sampling: Sampling
     lora: LoraInfo
     data_hash: str
+    card: CardContext | None = Field(None, description="a card persona's lorebook, depth prompt, post-history "
+                                     "instructions and greetings, for the bot's prompt seam")
     training: TrainingSummary | None = Field(None, description="None for bundles not made by `finetune train`")
     versions: dict[str, str] = {}
     created: str = ""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.cards.context import CardContext
+
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
@@ -35,18 +37,23 @@ class Conversation:
 
 @dataclass
 class ReadResult:
-    """What a reader got out of one file: the good conversations, every problem it skipped, and the system
-    prompt the file carries, if its format has one (a character card does)."""
+    """What a reader got out of one file: the good conversations, every problem it skipped, and what the
+    file carries beyond dialogue if its format has it (a character card does): the system prompt, the
+    serve-time card context, and ``notes`` on how its parts are used (not problems)."""
 
     conversations: list[Conversation] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     system_prompt: str = ""
+    card: CardContext | None = None
+    notes: list[str] = field(default_factory=list)
 
     def extend(self, other: ReadResult) -> None:
-        """Add another file's result; the first system prompt found is kept."""
+        """Add another file's result; the first system prompt and card context found are kept."""
         self.conversations.extend(other.conversations)
         self.problems.extend(other.problems)
+        self.notes.extend(other.notes)
         self.system_prompt = self.system_prompt or other.system_prompt
+        self.card = self.card or other.card
 
 
 def tidy_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

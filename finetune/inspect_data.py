@@ -31,6 +31,8 @@ def check(persona: PersonaData, tokenizer: Any, chat_template: str | None, max_s
     ]:
         table.add_row(escape(label), escape(str(value)))
     console.print(table)
+    for note in persona.notes:
+        console.print(Text(note, style="dim"), soft_wrap=True)
     for problem in stats.problems:
         console.print(Text(problem, style="yellow"), soft_wrap=True)
     return stats

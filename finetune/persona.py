@@ -10,9 +10,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from finetune.bundle import Sampling
+from finetune.cards.context import CardContext
+from finetune.cards.files import CARD_SUFFIXES
 from finetune.conversation import Conversation, DataError, ReadResult, read_text
 from finetune.readers import READERS, Format, infer_format, read_source
-from finetune.readers.card import card_conversations, read_card
+from finetune.readers.card import card_source, read_card
 from finetune.validation import describe
 
 try:
@@ -21,7 +23,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 PERSONA_FILE = "persona.toml"
-CARD_SUFFIXES = (".json", ".png")
 
 
 class _Source(BaseModel):
@@ -70,10 +71,12 @@ class PersonaData:
     files: list[Path]
     data_hash: str
     style_checks: list[str] = field(default_factory=list)
+    card: CardContext | None = None  # a card source's lorebook, depth prompt, ...: served with the adapter
+    notes: list[str] = field(default_factory=list)  # how the sources' parts are used, for `finetune data check`
 
 
 def load_persona(path: str | Path) -> PersonaData:
-    """Load a persona folder, its persona.toml, or a single character card (.json/.png)."""
+    """Load a persona folder, its persona.toml, or a single character card (.json/.png/.charx)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such persona folder or file")
@@ -84,7 +87,7 @@ def load_persona(path: str | Path) -> PersonaData:
     elif path.suffix.lower() in CARD_SUFFIXES:
         return _load_card_persona(path)
     elif path.name != PERSONA_FILE:
-        raise DataError(f"{path}: not a persona folder, {PERSONA_FILE} or character card (.json/.png)")
+        raise DataError(f"{path}: not a persona folder, {PERSONA_FILE} or character card (.json/.png/.charx)")
     return _load_toml_persona(path)
 
 
@@ -118,6 +121,8 @@ def _load_toml_persona(toml_path: Path) -> PersonaData:
         files=files,
         data_hash=_data_hash(folder, files),
         style_checks=spec.style_checks,
+        card=data.card,
+        notes=data.notes,
     )
 
 
@@ -135,21 +140,23 @@ def _source_options(toml_path: Path, index: int, kind: str, source: _Source) -> 
 
 def _load_card_persona(card_path: Path) -> PersonaData:
     card = read_card(card_path)
-    if not card.system_prompt:
+    result = card_source(card, card_path)
+    if not result.system_prompt:
         raise DataError(
             f"{card_path}: card has no description, personality, scenario or system_prompt to prompt with"
         )
-    result = card_conversations(card, card_path)
     _require_conversations(card_path, result.conversations, result.problems)
     return PersonaData(
         name=card.name,
-        system_prompt=card.system_prompt,
+        system_prompt=result.system_prompt,
         description="",
         sampling=Sampling(),
         conversations=result.conversations,
         problems=result.problems,
         files=[card_path],
         data_hash=_data_hash(card_path.parent, [card_path]),
+        card=result.card,
+        notes=result.notes,
     )
 
 

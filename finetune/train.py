@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks: list[Any] = (
         lora=LoraInfo(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules),
         data_hash=persona.data_hash,
+        card=persona.card,
         training=summary,
     )
     if trainer.is_world_process_zero():

@@ -80,6 +80,21 @@ def test_errors_keep_bracketed_text(tmp_path):
     assert result.exit_code == 2 and "card [draft].json" in result.output
 
 
+def test_data_check_on_a_card_says_how_each_lorebook_entry_is_used(tiny_model_dir):
+    from pathlib import Path
+
+    card = Path(__file__).parent / "data" / "cards" / "wren.json"
+    result = runner.invoke(app, ["data", "check", str(card), "--base-model", str(tiny_model_dir)])
+    assert result.exit_code == 1, result.output  # the card has fields personabot ignores: named, so exit 1
+    lines = result.output.splitlines()
+    assert f"{card}: character_book: 6 entries" in lines
+    assert "  entries[3] (no keys): always in the prompt when serving" in lines
+    assert any(line.startswith("  entries[4] father dialogue: ") and line.endswith(
+        "its dialogue is also a training conversation") for line in lines)
+    assert f"{card}: data.character_book.entries[4]: field 'extensions.probability' ignored " \
+           "(triggered entries always apply)" in lines
+
+
 def test_train_cli_and_clear_errors(tiny_persona, tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     cfg = tmp_path / "c.yaml"

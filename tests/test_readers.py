@@ -53,7 +53,7 @@ def test_jsonl_happy_path_strips_and_merges(tmp_path: Path) -> None:
     ]
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n")
     result = read_jsonl(path)
-    assert result.problems == []
+    assert result.problems == [] and result.notes == []
     assert [c.messages for c in result.conversations] == [
         [{"role": "system", "content": "Be salty."}, user("Hi"), bot("Arr.\nAhoy!")],
         [user("Bye"), bot("Fair winds.")],
@@ -200,11 +200,13 @@ def test_card_json_fields_prompt_greetings_and_examples(tmp_path: Path) -> None:
     ]
 
 
-def test_card_system_prompt_replaces_original(tmp_path: Path) -> None:
+def test_card_system_prompt_replaces_the_global_prompt_and_keeps_the_definition(tmp_path: Path) -> None:
+    """V2 spec: a card's system_prompt replaces the global prompt ({{original}}, empty in personabot) only."""
     card_json = json.loads(json.dumps(V2_CARD))
-    card_json["data"]["system_prompt"] = "Stay in character as {{char}}.\n{{original}}"
-    card = read_card(write_json(tmp_path / "c.json", card_json))
-    assert card.system_prompt == "Stay in character as Brine.\n" + DEFAULT_PROMPT
+    for own in ("Stay in character as {{char}}.\n{{original}}", "Stay in character as {{char}}."):
+        card_json["data"]["system_prompt"] = own
+        card = read_card(write_json(tmp_path / "c.json", card_json))
+        assert card.system_prompt == "Stay in character as Brine.\n\n" + DEFAULT_PROMPT
 
 
 @pytest.mark.parametrize("keyword", ["chara", "ccv3"])
@@ -478,17 +480,17 @@ def test_script_reports_suspect_tags_and_missing_scene_breaks() -> None:
         f"{SHAKESPEARE}:45: 'She speaks:' read as part of the speech, not a new speaker "
         "(a tag must be in capitals, open a paragraph, or be used on two or more lines)",
     ]
-    assert problems[-1] == (
+    assert read_script(SHAKESPEARE, "ROMEO").notes == [(
         f"{SHAKESPEARE}: no scene breaks, so the whole file is one conversation; put a line of --- between "
         "scenes (or two blank lines) so that each scene trains on its own"
-    )
+    )]
 
 
 def test_script_blank_line_runs_split_scenes_when_there_are_no_breaks(tmp_path: Path) -> None:
     path = write(tmp_path / "s.txt", "SAM: Hi.\nBRINE: Aye.\n\n\nSAM: Again?\nBRINE: Aye.\n")
     result = read_script(path, "BRINE")
     assert [c.messages for c in result.conversations] == [[user("Hi."), bot("Aye.")], [user("Again?"), bot("Aye.")]]
-    assert result.problems == []
+    assert result.problems == [] and result.notes == []
 
 
 OPENAI_FT = Path(__file__).parent / "data" / "openai_finetune.jsonl"

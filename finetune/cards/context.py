@@ -8,8 +8,7 @@ readers."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from finetune.cards.lorebook import Lorebook, triggered_entries
 
@@ -18,7 +17,8 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class CardContext:
-    """What of a card matters once the adapter is trained; JSON-able for the bundle manifest."""
+    """What of a card matters once the adapter is trained; the bundle manifest carries it (pydantic
+    validates and serialises the dataclasses)."""
 
     lorebook: Lorebook | None = None
     post_history_instructions: str = ""
@@ -27,20 +27,6 @@ class CardContext:
     depth_prompt_role: str = "system"
     greetings: list[str] = field(default_factory=list)
     group_greetings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["lorebook"] = self.lorebook.to_dict() if self.lorebook else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CardContext:
-        book = data.get("lorebook")
-        return cls(**{**data, "lorebook": Lorebook.from_dict(book) if book else None})
-
-    @property
-    def empty(self) -> bool:
-        return self == CardContext()
 
 
 @dataclass(frozen=True)

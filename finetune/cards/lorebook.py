@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 Logic = Literal["and_any", "not_all", "not_any", "and_all"]
@@ -59,20 +59,6 @@ class Lorebook:
     token_budget: int | None = None
     recursive: bool = False
     name: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON for the bundle manifest."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Lorebook:
-        names = {f.name for f in fields(LoreEntry)}
-        entries = tuple(
-            LoreEntry(**{k: tuple(v) if isinstance(v, list) else v for k, v in e.items() if k in names})
-            for e in data.get("entries", [])
-        )
-        return cls(entries, data.get("scan_depth"), data.get("token_budget"), bool(data.get("recursive")),
-                   data.get("name", ""))
 
 
 def compile_key(key: str, entry: LoreEntry) -> re.Pattern[str] | None:
@@ -256,7 +242,7 @@ def _entry(item: Any, where: str, expand: Callable[[str, str], str], problems: l
         name=str(item.get("comment") or item.get("name") or ""),
     )
     if "depth" in decorators:
-        entry = LoreEntry(**{**asdict(entry), "position": "at_depth"})
+        entry = replace(entry, position="at_depth")
     for key in entry.keys + entry.secondary_keys:
         try:
             compile_key(key, entry)

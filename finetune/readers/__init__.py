@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from finetune.conversation import DataError, ReadResult, load_json
-from finetune.readers.card import card_conversations, read_card
+from finetune.readers.card import read_card_source
 from finetune.readers.discord_export import DiscordOptions, read_discord_export
 from finetune.readers.jsonl import read_jsonl
 from finetune.readers.script import read_script
@@ -69,7 +69,7 @@ def _is_discord_export(data: Any) -> bool:
 READERS: dict[str, Reader] = {  # in this order formats are listed to the user and tried on .json content
     "jsonl": Reader(lambda path, _, __: read_jsonl(path), suffixes=(".jsonl",), sniff=_is_message_records),
     "sharegpt": Reader(lambda path, _, __: read_sharegpt(path), sniff=_is_sharegpt_records),
-    "card": Reader(lambda path, _, __: card_conversations(read_card(path), path), suffixes=(".png",), sniff=_is_card),
+    "card": Reader(lambda path, _, __: read_card_source(path), suffixes=(".png", ".charx"), sniff=_is_card),
     "script": Reader(lambda path, who, _: read_script(path, who), suffixes=(".txt",), needs_character=True),
     "discord": Reader(read_discord_export, needs_character=True, options=DiscordOptions, sniff=_is_discord_export),
 }

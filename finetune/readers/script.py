@@ -45,8 +45,8 @@ def read_script(path: str | Path, character: str) -> ReadResult:
     for scene in scenes:
         if any(u.speaker.casefold() == wanted for u in scene):
             _add_scene(result, scene, wanted, f"{path}:{scene[0].line}")
-    if len(scenes) == 1:
-        result.problems.append(
+    if len(scenes) == 1:  # a hint, not a problem: a short script may well be one scene
+        result.notes.append(
             f"{path}: no scene breaks, so the whole file is one conversation; put a line of --- between "
             "scenes (or two blank lines) so that each scene trains on its own"
         )
