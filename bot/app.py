@@ -230,7 +230,11 @@ class PersonaBot:
     ) -> str:
         """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``: every reply (channel
         messages, /converse turns) reaches the engine through ``prompt.assemble`` here."""
-        messages = assemble(turns)
+        try:
+            card = self.engine.manifest(voice.persona.name).card
+        except EngineError:  # not loaded: the stream below reports it as for any reply
+            card = None
+        messages = assemble(turns, card=card)
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
             await voice.reply_target(channel, reply_to), self.limiter, channel_id,

@@ -24,7 +24,7 @@ SUB_COMMAND, STRING, INTEGER = 1, 3, 4
 @async_test
 async def test_channel_replies_and_converse_turns_all_reach_the_engine_through_the_seam(tmp_path, monkeypatch):
     memory = {"role": "system", "content": "Brine owes Alice a boat."}
-    monkeypatch.setattr(bot.app, "assemble", lambda turns: assemble(turns, [memory["content"]]))
+    monkeypatch.setattr(bot.app, "assemble", lambda turns, **card: assemble(turns, [memory["content"]], **card))
     async with running(tmp_path) as h:
         ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} ahoy")
         await h.reply_text(ask, "[brine-v1] Alice: @Brine ahoy")

@@ -45,6 +45,25 @@ def test_the_seam_puts_context_blocks_in_one_leading_system_message():
     ]
 
 
+def test_a_card_adds_its_triggered_lore_depth_prompt_and_post_history_instructions(tiny_tokenizer):
+    from pathlib import Path
+
+    from finetune.readers.card import read_card
+
+    card = read_card(Path(__file__).parent / "data" / "cards" / "wren.json").context()
+    turns = [{"role": "user", "content": "Alice: is the lamp lit?"}, {"role": "assistant", "content": "Aye."},
+             {"role": "user", "content": "Alice: and the storm?"}]
+    messages = assemble(turns, [MEMORY], card=card)
+    system = messages[0]["content"]
+    assert system.startswith(MEMORY) and "Gull Rock is three miles off the coast." in system  # constant entry
+    assert "The lamp burns whale oil" in system and "Winter storms" in system  # triggered by the turns
+    assert "The Marigold" not in system  # its keys never came up
+    assert messages[1:] == [turns[0], {"role": "system", "content": "Wren is tired and wants to sleep."},
+                            turns[1], turns[2], {"role": "system", "content": "Stay terse."}]
+    sent, _ = fit_messages(tiny_tokenizer, _manifest(tiny_tokenizer), messages, 1000, "brine")
+    assert sent[0]["content"].startswith(f"{PERSONA}\n\n{MEMORY}")  # the persona's prompt still comes first
+
+
 def test_extra_system_context_is_added_to_the_persona_prompt_never_replaces_it(tiny_tokenizer):
     manifest = _manifest(tiny_tokenizer)
     sent, ids = fit_messages(tiny_tokenizer, manifest, assemble(TURNS, [MEMORY]), 1000, "brine")
