@@ -270,3 +270,23 @@ def test_charx_reads_card_json(tmp_path: Path) -> None:
     (tmp_path / "bad.charx").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="bad.charx: not a readable CHARX"):
         load_card_json(tmp_path / "bad.charx")
+
+
+def test_the_card_only_example_persona_is_in_character_everywhere() -> None:
+    """persona_data/tinker_vell: a card (with a lorebook) and held-out dialogue it never saw."""
+    import re
+
+    from finetune.persona import load_persona
+    from finetune.readers import read_source
+
+    folder = Path(__file__).resolve().parents[1] / "persona_data" / "tinker_vell"
+    persona = load_persona(folder)
+    assert persona.problems == [] and persona.card is not None and len(persona.card.lorebook.entries) == 6
+    assert persona.notes[0].endswith("character_book: 6 entries")
+    held_out = read_source(folder / "heldout.jsonl")
+    assert held_out.problems == [] and len(held_out.conversations) == 12
+    replies = [m["content"] for c in [*persona.conversations, *held_out.conversations]
+               for m in c.messages if m["role"] == "assistant"]
+    assert all(re.search(check, r) for r in replies for check in persona.style_checks)
+    card_text = (folder / "card.json").read_text(encoding="utf-8")
+    assert not any(m["content"] in card_text for c in held_out.conversations for m in c.messages)
