@@ -74,12 +74,13 @@ def fit_examples(
     dialogue as fits as untrained context. A reply that does not fit even alone is reported, never cut.
     """
     full = with_default_system_prompt(system_prompt, conversation.messages)
-    head = full[: len(full) - len(conversation.messages)]
-    body = full[len(head):]
-    context = {i + len(head) for i in conversation.context_turns}
+    added = len(full) - len(conversation.messages)  # 1 when the persona's prompt was put in front
+    context = {i + added for i in conversation.context_turns}  # indices into full
     whole = encode_conversation(tokenizer, full, chat_template, frozenset(context))
     if len(whole.input_ids) <= max_seq_len:
         return [whole], []
+    head = full[:1] if full and full[0]["role"] == "system" else []  # every window keeps the system prompt
+    body = full[len(head):]
     trained = [i for i, m in enumerate(body) if m["role"] == "assistant" and i + len(head) not in context]
     starts = sorted({0, *(i for i, m in enumerate(body) if m["role"] == "user")})
 

@@ -106,6 +106,18 @@ def test_long_conversations_drop_oldest_turns_and_never_cut_a_reply(tiny_tokeniz
     assert [answers.count(f"Answer {i}:") for i in range(12)] == [1] * 12
 
 
+def test_windows_keep_a_conversations_own_system_prompt(tiny_tokenizer):
+    convo = [{"role": "system", "content": "Storm tonight."}, *_long_convo(12)]
+    stats = DataStats()
+    ds = tokenize([Conversation(convo, "f.jsonl:1", context_turns=frozenset({2}))], tiny_tokenizer,
+                  "You are Brine.", None, 120, stats)
+    assert len(ds) > 1 and stats.problems == []
+    for row in ds:
+        assert tiny_tokenizer.decode(row["input_ids"]).startswith("<|im_start|>system\nStorm tonight.")
+    answers = "".join(tiny_tokenizer.decode([t for t in row["labels"] if t != IGNORE]) for row in ds)
+    assert [answers.count(f"Answer {i}:") for i in range(12)] == [0] + [1] * 11  # weight 0 stays untrained
+
+
 def test_a_reply_too_long_for_max_seq_len_is_refused_by_name(tiny_tokenizer):
     convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 60},
              {"role": "user", "content": "again"}, {"role": "assistant", "content": "Aye."}]
