@@ -518,3 +518,12 @@ def test_openai_dpo_multimodal_and_tool_records_are_refused_whole() -> None:
         f"{OPENAI_FT}:6: no trained turns by the character (every assistant message has weight 0)",
         f"{OPENAI_FT}:7: messages[1]: weight must be 0 or 1, got 0.5",
     ]
+
+
+def test_openai_tool_messages_without_a_tools_list_are_refused_too(tmp_path: Path) -> None:
+    record = {"messages": [user("weather?"), {"role": "tool", "tool_call_id": "c1", "content": "21"}, bot("Warm.")]}
+    path = write(tmp_path / "t.jsonl", json.dumps(record))
+    assert read_jsonl(path).problems == [
+        f"{path}:1: messages[1]: a tool call or result ('tool_call_id'); tool calls cannot train a character, "
+        "so the record is skipped"
+    ]

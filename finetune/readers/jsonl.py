@@ -46,10 +46,10 @@ def _message(i: int, item: Any) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise ValueError(f"messages[{i}]: expected an object with 'role' and 'content'")
     role, content = item.get("role"), item.get("content")
-    for key in _TOOL_MESSAGE_KEYS:
-        if item.get(key) or role in ("tool", "function"):
-            raise ValueError(f"messages[{i}]: a tool call or result ({key if item.get(key) else role!r}); "
-                             "tool calls cannot train a character, so the record is skipped")
+    tool = next((repr(k) for k in _TOOL_MESSAGE_KEYS if item.get(k)), None)
+    if tool or role in ("tool", "function"):
+        raise ValueError(f"messages[{i}]: a tool call or result ({tool or repr(role)}); "
+                         "tool calls cannot train a character, so the record is skipped")
     if role not in ROLES:
         raise ValueError(f"messages[{i}]: unknown role {role!r} (expected system, user or assistant)")
     if isinstance(content, list):  # content parts: text only
