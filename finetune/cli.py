@@ -120,6 +120,60 @@ def data_preview(
         preview(persona, tokenizer, None, max_seq_len, count, console)
 
 
+@data_app.command("synth")
+def data_synth(
+    path: Annotated[Path, typer.Argument(help="persona folder (or a lone character card)")],
+    out: Annotated[Optional[Path], typer.Option(help="JSONL to write (default: synth.jsonl beside the persona)")] = None,
+    conversations: Annotated[int, typer.Option("--conversations", "-n", min=1)] = 64,
+    turns: Annotated[int, typer.Option(min=1, help="user/character exchanges per conversation")] = 3,
+    seed: int = 0,
+    teacher_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible API root, e.g. http://host:8000/v1")] = None,
+    teacher_model: Annotated[str, typer.Option(help="model name the server serves (with --teacher-url)")] = "",
+    base_model: Annotated[str, typer.Option(help="local teacher when no --teacher-url: the base model itself")] = "smollm2",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    retries: Annotated[int, typer.Option(min=0, help="new samples for a rejected reply")] = 2,
+    max_new_tokens: int = 160,
+    temperature: float = 0.8,
+    add_to_persona: Annotated[bool, typer.Option(help="add the output to persona.toml's sources")] = True,
+) -> None:
+    """Synthetic training dialogue: a teacher plays the character from its card/prompt, a user simulator
+    talks to it, replies are filtered (style checks, length, near-duplicates, out of character)."""
+    import os
+
+    from rich.progress import Progress
+
+    from .persona import load_persona
+    from .synth.run import add_source, synthesize
+    from .synth.teacher import Generation, LocalTeacher, OpenAITeacher, TeacherError
+
+    with _errors():
+        persona = load_persona(path)
+        folder = path if path.is_dir() else path.parent
+        out = out or folder / "synth.jsonl"
+        generation = Generation(max_new_tokens, temperature)
+        if teacher_url:
+            teacher = OpenAITeacher(teacher_url, teacher_model or "default", generation,
+                                    api_key=os.environ.get("OPENAI_API_KEY"))
+        else:
+            teacher = LocalTeacher(base_model, generation)
+        try:
+            with Progress(console=console, transient=True) as bar:
+                task = bar.add_task(f"synth with {teacher.name}", total=conversations)
+                report = synthesize(persona, teacher, out, conversations, turns, seed, batch_size, retries,
+                                    progress=lambda n: bar.advance(task, n))
+        except TeacherError as exc:
+            raise DataError(str(exc)) from exc
+        added = add_to_persona and path.is_dir() and add_source(path, out, teacher.name, seed)
+    console.print(escape(f"{out}: {report.written} conversations written ({report.already} from before), "
+                         f"{report.replies} replies kept, {report.dropped} conversations dropped"), soft_wrap=True)
+    for reason, n in report.rejected.most_common():
+        console.print(escape(f"  rejected ({reason}): {n}"), soft_wrap=True)
+    console.print(escape("  openers: " + ", ".join(f"{k} {v}" for k, v in report.openers.most_common())),
+                  soft_wrap=True)
+    if added:
+        console.print(escape(f"  added to {path / 'persona.toml'} as a jsonl source"), soft_wrap=True)
+
+
 def _print_report(name: str, report) -> None:
     table = Table(title=escape(f"{name}: {report.examples} held-out conversations"))
     for col in ("", "base + system prompt", "adapter"):
