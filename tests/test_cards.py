@@ -114,6 +114,14 @@ def test_examples_label_other_speakers_and_know_the_nickname() -> None:
     assert not any("entries[0]" in origin for origin in by_origin)
 
 
+def test_lore_written_as_notes_is_not_taken_for_a_dialogue() -> None:
+    raw = wren()
+    raw["data"]["character_book"]["entries"][0]["content"] = "Note: the lamp is old.\nHistory: built in 1820."
+    result = card_conversations(parse_card(raw, "wren.json"), "wren.json")
+    assert not any("entries[0]" in c.origin for c in result.conversations)
+    assert not any("entries[0]" in p for p in result.problems)
+
+
 def test_ignored_fields_are_named() -> None:
     raw = wren()
     raw["data"]["extensions"]["regex_scripts"] = [{"scriptName": "x"}]

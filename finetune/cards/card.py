@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from finetune.cards.context import CardContext
 from finetune.cards.lorebook import Lorebook, parse_character_book
-from finetune.cards.macros import USER_NAME, MacroContext, expand
+from finetune.cards.macros import MacroContext, expand
 
 _START = "<start>"
 # fields the specs say are not for prompts, or that personabot has nothing to do with
@@ -202,4 +202,3 @@ def _depth_prompt(raw: Any, fill, where: str, problems: list[str]) -> DepthPromp
     return DepthPrompt(prompt, depth, role)
 
 
-__all__ = ["Card", "DepthPrompt", "USER_NAME", "parse_card"]

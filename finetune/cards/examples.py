@@ -30,7 +30,7 @@ def card_conversations(card: Card, where: str) -> ReadResult:
         result.conversations.append(Conversation([{"role": "assistant", "content": greeting}],
                                                  f"{where}: group_only_greetings[{i}]"))
     for i, entry in enumerate(card.lorebook.entries if card.lorebook else ()):
-        if not is_dialogue(entry.content, tag):
+        if not is_dialogue(entry.content, tag, card):
             continue
         at = f"{where}: character_book.entries[{i}]"
         messages = _dialogue(entry.content, tag, card, at, result.problems)
@@ -41,13 +41,14 @@ def card_conversations(card: Card, where: str) -> ReadResult:
     return result
 
 
-def is_dialogue(text: str, tag: re.Pattern[str]) -> bool:
+def is_dialogue(text: str, tag: re.Pattern[str], card: Card) -> bool:
     """Speaker-tagged lines from the start, with both the character and someone else speaking."""
     lines = [line for line in text.split("\n") if line.strip()]
     if not lines or not tag.match(lines[0]):
         return False
     speakers = {m["who"].casefold() for m in map(tag.match, lines) if m}
-    return len(speakers) >= 2
+    own = {n.casefold() for n in (card.name, card.char, card.name.split()[0])}
+    return bool(speakers & own) and bool(speakers - own)
 
 
 def lorebook_usage(card: Card, where: str) -> list[str]:
@@ -64,7 +65,7 @@ def lorebook_usage(card: Card, where: str) -> list[str]:
             use = "always in the prompt when serving"
         else:
             use = f"in the prompt when serving, when {', '.join(repr(k) for k in e.keys[:4])} comes up"
-        if is_dialogue(e.content, tag):
+        if is_dialogue(e.content, tag, card):
             use += "; its dialogue is also a training conversation"
         lines.append(f"  entries[{i}] {label}: {use}")
     return lines
