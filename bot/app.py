@@ -470,7 +470,8 @@ class PersonaBot:
             await self.answer(candidates[0], final)
 
     def _background(self, work: Awaitable[Any]) -> None:
-        """Work nobody waits for (memory writes, notes): tracked so close() can finish it."""
+        """Work nobody waits for (memory writes, notes): tracked so close() cancels it instead of leaving it
+        running against a closed state database."""
         task = asyncio.ensure_future(work)
         task.add_done_callback(self._tasks.discard)
         self._tasks.add(task)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fake_discord_harness import async_test, running
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, echo
 
 from bot.state import State
 
@@ -34,6 +34,29 @@ async def test_a_fact_said_200_messages_earlier_is_recalled_into_the_prompt(tmp_
         assert "Pixel" not in "".join(m["content"] for m in served.messages[1:]), "the fact left the window"
         assert "- Alice (" in system(served) and "my cat's name is Pixel" in system(served)
         assert int(fact["id"]) < int(h.general.messages[-25]["id"])
+
+
+@async_test
+async def test_notes_about_a_person_are_written_off_the_reply_path_and_recalled(tmp_path):
+    def script(manifest, messages):
+        asked = messages[-1]["content"]
+        return "Note: keeps a grey cat called Pixel.\nextra" if asked.startswith("(Out of character.)") else echo(
+            manifest, messages)
+
+    async with running(tmp_path, engine=FakeEngine(script), memory_notes_after=2) as h:
+        h.fake.post(h.alice, h.general, "I have a cat, Pixel")
+        h.fake.post(h.alice, h.general, "she is grey")
+        await h.fake.wait_for(lambda: len(h.engine.served) == 1)
+        await h.settled()
+        await asyncio.sleep(0.1)
+        (note_request,) = h.engine.served
+        assert "I have a cat, Pixel" in note_request.messages[-1]["content"]
+        assert note_request.sampling.max_new_tokens == 60
+        ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} hello")
+        await h.fake.wait_for(lambda: h.replies(ask))
+        assert "- Alice: Note: keeps a grey cat called Pixel." in system(h.engine.served[-1])
+        shown = await h.fake.command(h.bots["Brine"], h.alice, h.general, "memory show").text()
+        assert "Brine's note: Note: keeps a grey cat called Pixel." in shown
 
 
 @async_test

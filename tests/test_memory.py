@@ -122,5 +122,6 @@ def test_block_and_note_helpers():
     assert "- Alice (1970-01-01): my cat is Pixel" in text and "- Alice: likes cats" in text
     assert block([], {}) == ""
     prompt = note_prompt("Alice", [line], "likes cats")
-    assert prompt[0]["role"] == "user" and "my cat is Pixel" in prompt[0]["content"] and "likes cats" in prompt[0]["content"]
+    assert prompt[0]["role"] == "user"
+    assert "my cat is Pixel" in prompt[0]["content"] and "likes cats" in prompt[0]["content"]
     assert clean_note('\n  - "Has a cat named Pixel."\nMore text') == "Has a cat named Pixel."
