@@ -13,7 +13,11 @@ Measured:
 2. prefix stability: replies whose system block is byte-identical to the previous reply's while the window
    did not restart (so the engine's prefix cache keeps the whole previous prompt), sticky recall
    (``Memory.recall``) vs recalling afresh at every message (``Memory.search``);
-3. time per keep and per recall on this machine.
+3. the prefix cache's work left: characters of each prompt (memory block + window) after its common prefix
+   with the previous prompt, summed, as a share of all prompt characters; "none" is the same channel with
+   memory off, the floor set by the window's restarts; "tail" recalls afresh and places the block just
+   before the newest turn instead of in the system message (an alternative placement, for comparison);
+4. time per keep and per recall on this machine.
 
     python bench/memory.py                 # defaults: 1,500 messages, gap 200, window 20
     python bench/memory.py --gap 400 --messages 3000
@@ -21,6 +25,7 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -96,26 +101,34 @@ def channel(messages: int, gap: int, seed: int = 0, questions: list[str] | None 
     return lines
 
 
-def replay(lines: list[Line], memory: Memory, *, window: int, sticky: bool = True) -> dict[str, float]:
-    """Keep and answer every line as the bot would; see the module docstring for what is counted."""
-    start, previous, same, comparable = 0, None, 0, 0
+def replay(lines: list[Line], memory: Memory | None, *, window: int, sticky: bool = True,
+           tail: bool = False) -> dict[str, float]:
+    """Keep and answer every line as the bot would (``memory`` None: memory off); see the module docstring
+    for what is counted."""
+    start, previous, same, comparable, prompt, prefill, prompted = 0, None, 0, 0, "", 0, 0
     recalled, probes, keep_s, recall_s = 0, 0, 0.0, 0.0
     by_id = {line.message_id: line for line in lines}
     now = time.time()
     for n, line in enumerate(lines):
         began = time.perf_counter()
-        memory.keep(message_id=line.message_id, guild_id=1, channel_id=1, author_id=PEOPLE.index(line.author),
-                    author_name=line.author, content=line.content, at=now - len(lines) + n)
+        if memory is not None:
+            memory.keep(message_id=line.message_id, guild_id=1, channel_id=1, author_id=PEOPLE.index(line.author),
+                        author_name=line.author, content=line.content, at=now - len(lines) + n)
         keep_s += time.perf_counter() - began
         restarted = n - start + 1 > window
         if restarted:
             start = n - window // 2 + 1
         began = time.perf_counter()
         floor = lines[start].message_id
-        found = (memory.recall(1, line.content, window_start=floor) if sticky
+        found = ([] if memory is None else memory.recall(1, line.content, window_start=floor) if sticky
                  else sorted(memory.search(1, line.content, before=floor), key=lambda m: m.message_id))
         recall_s += time.perf_counter() - began
         system = block(found, {})
+        turns = [f"{m.author}: {m.content}" for m in lines[start:n + 1]]
+        last, prompt = prompt, ("\n".join([*turns[:-1], system, turns[-1]]) if tail  # just before the newest turn
+                                else system + "\x00" + "\n".join(turns))
+        prefill += len(prompt) - len(os.path.commonprefix([last, prompt]))
+        prompted += len(prompt)
         if previous is not None and not restarted:
             comparable += 1
             same += system == previous
@@ -123,19 +136,22 @@ def replay(lines: list[Line], memory: Memory, *, window: int, sticky: bool = Tru
         if line.probe is not None:
             probes += 1
             recalled += any(by_id[m.message_id].fact == line.probe for m in found)
-    return {"recall": recalled / probes, "probes": probes, "stable": same / max(comparable, 1),
+    return {"recall": recalled / max(probes, 1), "probes": probes, "stable": same / max(comparable, 1),
+            "prefill": prefill / prompted,
             "keep_ms": 1000 * keep_s / len(lines), "recall_ms": 1000 * recall_s / len(lines)}
 
 
 def measure(messages: int, gap: int, window: int, budget: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Sticky and fresh recall on the facts' own words, and sticky recall on paraphrased questions."""
+    """Sticky and fresh recall on the facts' own words, sticky recall on paraphrased questions, fresh recall
+    placed at the tail, and no memory."""
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, sticky, questions in (("sticky", True, None), ("fresh", False, None),
-                                        ("paraphrased", True, PARAPHRASED)):
+                                        ("paraphrased", True, PARAPHRASED), ("tail", False, None), ("none", True, None)):
             state = State(Path(folder) / f"{name}.db")
-            results[name] = replay(channel(messages, gap, seed, questions), Memory(state, budget_chars=budget),
-                                   window=window, sticky=sticky)
+            memory = Memory(state, budget_chars=budget) if name != "none" else None
+            results[name] = replay(channel(messages, gap, seed, questions), memory, window=window, sticky=sticky,
+                                   tail=name == "tail")
             state.close()
     return results
 
@@ -153,6 +169,7 @@ def main() -> None:
         for name, r in results.items():
             print(f"seed {seed} {name:11} recall {r['recall']:.0%} of {r['probes']} probes; "
                   f"system block unchanged in {r['stable']:.0%} of replies within a window; "
+                  f"prefilled {r['prefill']:.1%} of prompt characters; "
                   f"keep {r['keep_ms']:.3f} ms, recall {r['recall_ms']:.3f} ms per message")
 
 
