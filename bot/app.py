@@ -25,7 +25,7 @@ from .history import CHAT_TYPES, gather, to_messages, window_start
 from .memory import Memory, block, clean_note, note_prompt
 from .prompt import assemble
 from .queues import ChannelQueues
-from .state import ChannelSettings, State, StateError
+from .state import ChannelSettings, SessionRecord, State, StateError
 from .streaming import EditLimiter, ReplyStream
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
@@ -123,16 +123,18 @@ class PersonaBot:
                 await self.engine.load_adapter(persona.name, persona.adapter)
             except (EngineError, BundleError, OSError) as exc:
                 raise StartupError(f"persona '{persona.name}': cannot load adapter {persona.adapter}: {exc}") from exc
-        await self._restore()
+        interrupted = await self._restore()
         for client in self.clients:
             client.connection = asyncio.create_task(client.connect(), name=f"gateway {client.label}")
         await asyncio.gather(*(self._until_ready(c) for c in self.clients))
         log.info("ready: %s", ", ".join(v.name for v in self.voices))
+        for record in interrupted:
+            await self._say_interrupted(record)
 
-    async def _restore(self) -> None:
+    async def _restore(self) -> list[SessionRecord]:
         """What the last run was told to keep: swaps the owner asked to keep serve again (a bundle that no
         longer loads is logged and the personas file's serves); conversations cut off by the shutdown are
-        marked interrupted."""
+        marked interrupted, and returned so the channels can be told once connected."""
         for name, bundle in (await self.state.run(self.state.swaps)).items():
             voice = self.voice(name)
             if voice is None:
@@ -142,9 +144,24 @@ class PersonaBot:
             except (EngineError, BundleError, OSError) as exc:
                 log.error("persona %s: the kept swap to %s no longer loads (%s); serving %s", voice.name, bundle,
                           exc, voice.persona.adapter)
-        for record in await self.state.run(self.state.interrupt_sessions):
+        interrupted = await self.state.run(self.state.interrupt_sessions)
+        for record in interrupted:
             log.warning("conversation %d in channel %s (%s) was interrupted by the restart after %d of %d turns",
                         record.id, record.channel_id, " and ".join(record.personas), record.spoken, record.turns)
+        return interrupted
+
+    async def _say_interrupted(self, record: SessionRecord) -> None:
+        """Tell the channel a conversation it was promised did not finish (people saw it stop mid-way)."""
+        voice = self.voice(record.personas[0]) if record.personas else None
+        channel = voice.client.get_channel(record.channel_id) if voice is not None else None
+        if channel is None:
+            return
+        text = (f"⏹️ The conversation about *{record.topic}* was cut off by a restart after {record.spoken} of "
+                f"{record.turns} turns; `/converse` starts a new one.")
+        try:
+            await channel.send(text)  # type: ignore[union-attr]
+        except discord.HTTPException as exc:
+            log.warning("cannot tell channel %s about the interrupted conversation: %s", record.channel_id, exc)
 
     async def _login(self, client: BotClient) -> None:
         try:

@@ -163,6 +163,9 @@ async def test_a_restart_mid_conversation_loses_nothing_the_user_was_told(tmp_pa
         assert 1 <= record.spoken < 20
         state.close()
         assert h.app.sessions == {}, "nothing runs on after the restart"
+        note = h.general.messages[-1]
+        assert note["content"].startswith("⏹️ The conversation about *tides* was cut off by a restart after ")
+        assert note["author"]["id"] == str(brine.id)
         ask = h.fake.post(h.alice, h.general, f"{brine.mention} what were the secret plans?")
         await h.fake.wait_for(lambda: h.replies(ask))
         ask_coral = h.fake.post(h.alice, h.general, f"{h.bots['Coral'].mention} and you?")
