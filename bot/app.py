@@ -85,8 +85,8 @@ class PersonaBot:
                 raise ConfigError(f"personas {names} use the same bot token; give each its own, or use webhook mode")
             voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
             client = BotClient(
-                token, self._label(personas), on_message=self.on_message,
-                add_commands=partial(register, app=self, voices=voices),
+                token, self._label(personas), on_message=self.on_message, on_edit=self._revise,
+                on_delete=self._forget, add_commands=partial(register, app=self, voices=voices),
                 command_guilds=self.settings.command_guilds, **self._client_options,
             )
             webhooks = Webhooks(client)
@@ -446,6 +446,16 @@ class PersonaBot:
                 (v for v in self.voices if v.client.get_channel(message.channel.id) is not None), None)
             if voice is not None:
                 self._background(self._note(voice, guild_id, message.author))
+
+    def _revise(self, message: discord.Message) -> None:
+        """A person edited a message: memory keeps its new words (every client reports it; the write is
+        idempotent, and the personas' own streaming edits never reach the database)."""
+        if _human(message) and message.type in CHAT_TYPES:
+            self._background(self.state.run(self.memory.revise, message.id, message.clean_content))
+
+    def _forget(self, message_ids: set[int]) -> None:
+        """Messages deleted on Discord leave memory too."""
+        self._background(self.state.run(self.memory.forget_messages, message_ids))
 
     async def _note(self, voice: Voice, guild_id: int | None, user: discord.abc.User) -> None:
         """Ask the engine for a one-line note about ``user`` from what they said; a failure only logs."""

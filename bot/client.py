@@ -30,7 +30,8 @@ class BotClient(discord.Client):
     def __init__(
         self, token: str, label: str, *, on_message: Callable[[BotClient, discord.Message], None],
         add_commands: Callable[[app_commands.CommandTree], None], command_guilds: Sequence[int] = (),
-        **options: Any,
+        on_edit: Callable[[discord.Message], None] = lambda message: None,
+        on_delete: Callable[[set[int]], None] = lambda message_ids: None, **options: Any,
     ) -> None:
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # text only: no voice warnings
         super().__init__(intents=intents(), allowed_mentions=ALLOWED_MENTIONS, **options)
@@ -38,6 +39,8 @@ class BotClient(discord.Client):
         self.label = label
         self.connection: asyncio.Task | None = None
         self._on_message = on_message
+        self._on_edit = on_edit
+        self._on_delete = on_delete
         self._add_commands = add_commands
         self._command_guilds = list(command_guilds)
         self.tree = app_commands.CommandTree(self)
@@ -54,6 +57,15 @@ class BotClient(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         self._on_message(self, message)
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        self._on_edit(payload.message)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        self._on_delete({payload.message_id})
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        self._on_delete(set(payload.message_ids))
 
     async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         log.error("/%s failed: %s", interaction.command.qualified_name if interaction.command else "?", error,

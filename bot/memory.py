@@ -80,7 +80,9 @@ class Memory:
         """Store one message; every 100 messages of a channel, drop what is over the retention bounds."""
         if not content.strip():
             return
-        self.state.sql("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+        # an upsert, not INSERT OR REPLACE: REPLACE's implicit delete fires no trigger, leaving a stale index row
+        self.state.sql("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO UPDATE SET "
+                       "content = excluded.content, author_name = excluded.author_name",
                        (message_id, guild_id, channel_id, author_id, author_name, content, at or time.time()))
         count = self._since_prune[channel_id] = self._since_prune.get(channel_id, 0) + 1
         if count >= 100:
@@ -95,6 +97,12 @@ class Memory:
             "  SELECT message_id FROM messages WHERE channel_id = ? ORDER BY message_id DESC LIMIT -1 OFFSET ?))"
             " RETURNING message_id", (channel_id, cutoff, channel_id, self.max_rows))
         return len(old)
+
+    def revise(self, message_id: int, content: str) -> None:
+        """The author edited a kept message: recall the words they stand by now (nothing if it was not kept)."""
+        self.state.sql("UPDATE messages SET content = ? WHERE message_id = ?", (content, message_id))
+        self._sticky = {c: (s, [Remembered(m.message_id, m.author_name, content, m.at) if m.message_id == message_id
+                                else m for m in kept]) for c, (s, kept) in self._sticky.items()}
 
     def set_note(self, guild_id: int | None, user_id: int, persona: str, note: str) -> None:
         self.state.sql("INSERT OR REPLACE INTO notes VALUES (?, ?, ?, ?, ?)",
@@ -188,6 +196,16 @@ class Memory:
         gone = {r[0] for r in self.state.sql("DELETE FROM messages WHERE author_id = ? RETURNING message_id",
                                              (user_id,))}
         self.state.sql("DELETE FROM notes WHERE user_id = ?", (user_id,))
+        self._forget_recalled(gone)
+        return len(gone)
+
+    def forget_messages(self, message_ids: Iterable[int]) -> int:
+        """Messages deleted on Discord are deleted here too."""
+        ids = list(message_ids)
+        if not ids:
+            return 0
+        gone = {r[0] for r in self.state.sql(
+            f"DELETE FROM messages WHERE message_id IN ({', '.join('?' * len(ids))}) RETURNING message_id", tuple(ids))}
         self._forget_recalled(gone)
         return len(gone)
 

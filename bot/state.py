@@ -79,6 +79,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
         INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.message_id, old.content);
     END;
+    CREATE TRIGGER messages_au AFTER UPDATE OF content ON messages BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.message_id, old.content);
+        INSERT INTO messages_fts (rowid, content) VALUES (new.message_id, new.content);
+    END;
     CREATE TABLE notes (
         guild_id INTEGER NOT NULL,      -- 0 for DMs
         user_id INTEGER NOT NULL,

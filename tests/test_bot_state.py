@@ -60,6 +60,22 @@ async def test_notes_about_a_person_are_written_off_the_reply_path_and_recalled(
 
 
 @async_test
+async def test_messages_edited_or_deleted_on_discord_are_recalled_as_they_stand(tmp_path):
+    async with running(tmp_path) as h:
+        edited = h.fake.post(h.alice, h.general, "the cabin wifi password is tangerine42")
+        deleted = h.fake.post(h.alice, h.general, "my spare key hides under the blue flowerpot")
+        await chatter(h, 30)
+        h.fake.edit_message(edited, "the cabin wifi password is grapefruit7")
+        h.fake.delete(deleted)
+        await asyncio.sleep(0.2)
+        await h.settled()
+        ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} the cabin wifi password, and my spare key?")
+        await h.fake.wait_for(lambda: h.replies(ask))
+        recalled = system(h.engine.served[-1])
+        assert "grapefruit7" in recalled and "tangerine42" not in recalled and "flowerpot" not in recalled
+
+
+@async_test
 async def test_memory_show_and_forget_and_a_guild_admin_turning_it_off(tmp_path):
     async with running(tmp_path) as h:
         h.fake.post(h.alice, h.general, "the spare key is under the blue flowerpot")

@@ -108,6 +108,22 @@ def test_forget_deletes_a_persons_messages_and_notes_and_their_recalled_lines(me
     assert memory.notes(9, "Brine", [1, 2]) == {}
 
 
+def test_edits_and_deletions_on_discord_reach_the_index(memory):
+    keep(memory, 10, "the password is tangerine")
+    keep(memory, 10, "the password is tangerine")  # seen twice: still one index row
+    fts = memory.state.sql("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'tangerine'")
+    assert fts[0][0] == 1
+    assert [m.content for m in memory.recall(1, "password tangerine", window_start=50)] == ["the password is tangerine"]
+    memory.revise(10, "the password is grapefruit")
+    assert memory.search(1, "tangerine", before=50) == []
+    assert [m.content for m in memory.search(1, "grapefruit", before=50)] == ["the password is grapefruit"]
+    assert [m.content for m in memory.recall(1, "lol", window_start=50)] == ["the password is grapefruit"]
+    memory.revise(99, "never kept")
+    assert memory.state.sql("SELECT count(*) FROM messages")[0][0] == 1, "an edit of an unkept message keeps nothing"
+    assert memory.forget_messages([10, 11]) == 1
+    assert memory.search(1, "grapefruit", before=50) == [] and memory.recall(1, "lol", window_start=50) == []
+
+
 def test_forget_guild_keeps_other_guilds_and_dms(memory):
     keep(memory, 10, "guild nine secret")
     keep(memory, 11, "guild eight secret", guild_id=8)
