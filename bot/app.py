@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import discord
 
 from finetune.bundle import BundleError, Manifest, Sampling
 
+from . import buttons
 from .client import BotClient
 from .commands import register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
@@ -25,8 +26,8 @@ from .history import CHAT_TYPES, gather, to_messages, window_start
 from .memory import Memory, block, clean_note, note_prompt
 from .prompt import assemble
 from .queues import ChannelQueues
-from .state import ChannelSettings, SessionRecord, State, StateError
-from .streaming import EditLimiter, ReplyStream
+from .state import ChannelSettings, ReplyRecord, SessionRecord, State, StateError
+from .streaming import EditLimiter, ReplyStream, ReplyTarget
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class PersonaBot:
             voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
             client = BotClient(
                 token, self._label(personas), on_message=self.on_message, on_edit=self._revise,
-                on_delete=self._forget, add_commands=partial(register, app=self, voices=voices),
+                on_delete=self._forget, on_button=self.press, add_commands=partial(register, app=self, voices=voices),
                 command_guilds=self.settings.command_guilds, **self._client_options,
             )
             webhooks = Webhooks(client)
@@ -263,6 +264,15 @@ class PersonaBot:
 
     async def answer(self, voice: Voice, message: discord.Message) -> str:
         """``voice`` replies to ``message`` (which may have come through another persona's client)."""
+        turns, context = await self._prompt(voice, message)
+        channel = message.channel if message.guild is None else voice.client.get_channel(message.channel.id)
+        stream = await self._streamed(voice, channel, turns, reply_to=message, context=context)  # type: ignore[arg-type]
+        if self.settings.reply_buttons and isinstance(voice, BotVoice) and len(stream.message_ids) == 1:
+            await self._offer(voice, channel, stream, message)  # type: ignore[arg-type]
+        return stream.text
+
+    async def _prompt(self, voice: Voice, message: discord.Message) -> tuple[list[dict[str, str]], list[str]]:
+        """The conversation turns and the system context for ``voice``'s reply to ``message``."""
         channel_id, limit, chars = message.channel.id, self.settings.history_messages, self.settings.history_chars
         reset = self.resets.get(channel_id)
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
@@ -276,29 +286,34 @@ class PersonaBot:
         else:
             history = await gather(message, limit, reset)
         turns = to_messages(history, voice.owns, max_messages=limit, max_chars=chars)
-        context = [await self._recall(voice, message, history)]
-        if message.guild is None:
-            return await self.reply(voice, message.channel, turns, context=context)
-        channel = voice.client.get_channel(message.channel.id)
-        return await self.reply(voice, channel, turns, reply_to=message, context=context)  # type: ignore[arg-type]
+        return turns, [await self._recall(voice, message, history)]
 
     async def reply(
         self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]],
         reply_to: discord.Message | None = None, context: list[str] | None = None,
     ) -> str:
-        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``: every reply (channel
-        messages, /converse turns) reaches the engine through ``prompt.assemble`` here, with the channel's
-        sampling settings."""
+        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``; returns its text."""
+        return (await self._streamed(voice, channel, turns, reply_to=reply_to, context=context)).text
+
+    async def _streamed(
+        self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]], *,
+        reply_to: discord.Message | None = None, context: list[str] | None = None,
+        target: ReplyTarget | None = None, prefix: str = "",
+    ) -> ReplyStream:
+        """Every reply (channel messages, /converse turns, regenerated and continued replies) reaches the
+        engine through ``prompt.assemble`` here, with the channel's sampling settings. ``target`` overrides
+        where it is written, ``prefix`` is text the reply starts with (a continued reply's)."""
         messages = assemble(turns, context or ())
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
-            await voice.reply_target(channel, reply_to), self.limiter, channel_id,
+            target or await voice.reply_target(channel, reply_to), self.limiter, channel_id,
             placeholder_after=self.settings.placeholder_after,
         )
         self.streams[channel_id].add(stream)
         try:
-            return await stream.run(self.engine.stream(voice.persona.name, messages,
-                                                       self.sampling(voice, channel_id)))
+            pieces = self.engine.stream(voice.persona.name, messages, self.sampling(voice, channel_id))
+            await stream.run(_prefixed(prefix, pieces) if prefix else pieces)
+            return stream
         finally:
             self.streams[channel_id].discard(stream)
             if not self.streams[channel_id]:
@@ -496,12 +511,76 @@ class PersonaBot:
         if candidates and self.group.decide(final.channel.id):
             await self.answer(candidates[0], final)
 
+    # regenerate / continue buttons (bot.buttons)
+
+    async def _offer(self, voice: Voice, channel: discord.abc.Messageable, stream: ReplyStream,
+                     message: discord.Message) -> None:
+        """Put the buttons on this reply, and take them off the channel's previous one."""
+        record = ReplyRecord(stream.message_ids[0], message.channel.id, voice.name, message.author.id, message.id,
+                             [stream.text])
+        previous = await self.state.run(self.state.offer_reply, record)
+        write = partial(self.limiter.acquire, record.channel_id)
+        try:
+            await buttons.show(channel, record, write)
+        except discord.HTTPException as exc:
+            log.warning("cannot add buttons to message %s: %s", record.message_id, exc)
+        owner = self.voice(previous.persona) if previous is not None else None
+        if previous is not None and owner is not None:
+            await buttons.strip(owner.client.get_channel(previous.channel_id) or channel, previous, write)
+
+    async def press(self, client: BotClient, interaction: discord.Interaction) -> None:
+        """A button on a reply: page its swipes, or regenerate or continue it (the asker and admins only)."""
+        action, message_id = buttons.parse(str((interaction.data or {}).get("custom_id", ""))) or ("", 0)
+        record = await self.state.run(self.state.reply_record, message_id)
+        voice = self.voice(record.persona) if record is not None else None
+        channel = interaction.channel
+        if record is None or voice is None or voice.client is not client or channel is None:
+            await interaction.response.send_message(buttons.STALE, ephemeral=True)
+            return
+        admin = interaction.user.id in self.settings.owner_ids or (
+            interaction.guild_id is not None and interaction.permissions.manage_guild)
+        if interaction.user.id != record.asked_by and not admin:
+            await interaction.response.send_message(buttons.DENIED, ephemeral=True)
+            return
+        await interaction.response.defer()
+        if action in ("prev", "next"):
+            record.shown = max(0, min(len(record.swipes) - 1, record.shown + (1 if action == "next" else -1)))
+        elif action in ("regen", "more"):
+            await self.queues.submit(record.channel_id, partial(self._rewrite, voice, channel, record, action))
+        await self.state.run(self.state.update_reply, record)
+        await buttons.show(channel, record, partial(self.limiter.acquire, record.channel_id))  # type: ignore[arg-type]
+
+    async def _rewrite(self, voice: Voice, channel: discord.abc.Messageable, record: ReplyRecord, action: str) -> None:
+        """Regenerate (a new swipe, shown) or continue (the shown swipe, extended) in the reply's message."""
+        try:
+            source = await channel.fetch_message(record.source_id)
+        except discord.HTTPException:
+            log.info("the message reply %s answered is gone; nothing to regenerate", record.message_id)
+            return
+        turns, context = await self._prompt(voice, source)
+        shown, prefix = record.swipes[record.shown], ""
+        if action == "more":
+            turns, prefix = [*turns, {"role": "assistant", "content": shown}], shown.rstrip() + " "
+        target = buttons.Rewrite(await voice.reply_target(channel, None), [record.message_id])
+        stream = await self._streamed(voice, channel, turns, context=context, target=target, prefix=prefix)
+        if action == "regen":
+            record.swipes.append(stream.text)
+            record.shown = len(record.swipes) - 1
+        else:
+            record.swipes[record.shown] = stream.text
+
     def _background(self, work: Awaitable[Any]) -> None:
         """Work nobody waits for (memory writes, notes): tracked so close() cancels it instead of leaving it
         running against a closed state database."""
         task = asyncio.ensure_future(work)
         task.add_done_callback(self._tasks.discard)
         self._tasks.add(task)
+
+
+async def _prefixed(prefix: str, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield prefix
+    async for piece in pieces:
+        yield piece
 
 
 def _places(channel: object) -> set[int]:

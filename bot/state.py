@@ -1,7 +1,7 @@
 """What the bot must not forget across restarts, in one embedded SQLite file (``STATE_DB``).
 
 Resets, context-window floors, persona swaps the owner asked to keep, /converse sessions, per-channel and
-per-guild settings, and long-term memory (``bot.memory`` owns those tables' queries). The schema is versioned:
+per-guild settings, each channel's reply with buttons and its swipes, and long-term memory (``bot.memory`` owns those tables' queries). The schema is versioned:
 ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``, each applied once, in a transaction.
 
 All SQL runs on one worker thread (``State.run``): sqlite3 connections must not be shared across threads
@@ -96,6 +96,18 @@ MIGRATIONS: tuple[str, ...] = (
         memory INTEGER NOT NULL DEFAULT 1
     );
     """,
+    # 3: the latest reply of each channel that carries regenerate/continue buttons (bot.buttons), and its swipes
+    """
+    CREATE TABLE replies (
+        message_id INTEGER PRIMARY KEY, -- the reply's message, which carries the buttons
+        channel_id INTEGER NOT NULL UNIQUE,
+        persona TEXT NOT NULL,
+        asked_by INTEGER NOT NULL,      -- who may press them (besides admins)
+        source_id INTEGER NOT NULL,     -- the message it answers
+        swipes TEXT NOT NULL,           -- JSON list of every text generated for it, oldest first
+        shown INTEGER NOT NULL          -- the swipe on screen
+    );
+    """,
 )
 LATEST = len(MIGRATIONS)
 
@@ -111,6 +123,19 @@ class ChannelSettings:
     group_chat: bool = False
     temperature: float | None = None
     max_new_tokens: int | None = None
+
+
+@dataclass
+class ReplyRecord:
+    """A reply with buttons: what was generated for it, and which text is on screen."""
+
+    message_id: int
+    channel_id: int
+    persona: str
+    asked_by: int
+    source_id: int
+    swipes: list[str]
+    shown: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +290,28 @@ class State:
         self.sql("INSERT OR REPLACE INTO channel_settings VALUES (?, ?, ?, ?)",
                  (channel_id, int(settings.group_chat), settings.temperature, settings.max_new_tokens))
 
+    # replies with buttons (one per channel: the latest)
+
+    def offer_reply(self, record: ReplyRecord) -> ReplyRecord | None:
+        """Make ``record`` its channel's reply with buttons; returns the one it replaces (to strip its buttons)."""
+        rows = self.sql("SELECT * FROM replies WHERE channel_id = ? AND message_id != ?",
+                        (record.channel_id, record.message_id))
+        self.transaction([
+            ("DELETE FROM replies WHERE channel_id = ?", (record.channel_id,)),
+            ("INSERT INTO replies VALUES (?, ?, ?, ?, ?, ?, ?)", (
+                record.message_id, record.channel_id, record.persona, record.asked_by, record.source_id,
+                json.dumps(record.swipes), record.shown)),
+        ])
+        return _reply(rows[0]) if rows else None
+
+    def reply_record(self, message_id: int) -> ReplyRecord | None:
+        rows = self.sql("SELECT * FROM replies WHERE message_id = ?", (message_id,))
+        return _reply(rows[0]) if rows else None
+
+    def update_reply(self, record: ReplyRecord) -> None:
+        self.sql("UPDATE replies SET swipes = ?, shown = ? WHERE message_id = ?",
+                 (json.dumps(record.swipes), record.shown, record.message_id))
+
     def memory_off_guilds(self) -> set[int]:
         return {r["guild_id"] for r in self.sql("SELECT guild_id FROM guild_settings WHERE memory = 0")}
 
@@ -283,6 +330,11 @@ def _statements(script: str) -> list[str]:
                 statements.append(current.strip())
             current = ""
     return statements
+
+
+def _reply(row: sqlite3.Row) -> ReplyRecord:
+    return ReplyRecord(row["message_id"], row["channel_id"], row["persona"], row["asked_by"], row["source_id"],
+                       json.loads(row["swipes"]), row["shown"])
 
 
 def _session(row: sqlite3.Row) -> SessionRecord:
