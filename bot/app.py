@@ -62,6 +62,8 @@ class PersonaBot:
         self.channel_settings: dict[int, ChannelSettings] = self.state.channel_settings()
         self.memory_off: set[int] = self.state.memory_off_guilds()
         self.group = GroupChats(settings.group_cap, settings.group_decay, settings.group_cooldown)
+        self._offers: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """channel id -> held while buttons move to the channel's newest reply"""
         self._said: dict[tuple[int, int], int] = defaultdict(int)
         """(guild or 0, user) -> their messages kept since the last note about them"""
         self.streams: dict[int, set[ReplyStream]] = defaultdict(set)
@@ -268,7 +270,7 @@ class PersonaBot:
         channel = message.channel if message.guild is None else voice.client.get_channel(message.channel.id)
         stream = await self._streamed(voice, channel, turns, reply_to=message, context=context)  # type: ignore[arg-type]
         if self.settings.reply_buttons and isinstance(voice, BotVoice) and len(stream.message_ids) == 1:
-            await self._offer(voice, channel, stream, message)  # type: ignore[arg-type]
+            self._background(self._offer(voice, channel, stream, message))  # type: ignore[arg-type]
         return stream.text
 
     async def _prompt(self, voice: Voice, message: discord.Message) -> tuple[list[dict[str, str]], list[str]]:
@@ -515,18 +517,20 @@ class PersonaBot:
 
     async def _offer(self, voice: Voice, channel: discord.abc.Messageable, stream: ReplyStream,
                      message: discord.Message) -> None:
-        """Put the buttons on this reply, and take them off the channel's previous one."""
+        """Put the buttons on this reply, and take them off the channel's previous one. Off the channel's
+        queue, so the next reply need not wait for these writes; one channel's offers run in order."""
         record = ReplyRecord(stream.message_ids[0], message.channel.id, voice.name, message.author.id, message.id,
                              [stream.text])
-        previous = await self.state.run(self.state.offer_reply, record)
         write = partial(self.limiter.acquire, record.channel_id)
-        try:
-            await buttons.show(channel, record, write)
-        except discord.HTTPException as exc:
-            log.warning("cannot add buttons to message %s: %s", record.message_id, exc)
-        owner = self.voice(previous.persona) if previous is not None else None
-        if previous is not None and owner is not None:
-            await buttons.strip(owner.client.get_channel(previous.channel_id) or channel, previous, write)
+        async with self._offers[record.channel_id]:
+            previous = await self.state.run(self.state.offer_reply, record)
+            try:
+                await buttons.show(channel, record, write)
+            except discord.HTTPException as exc:
+                log.warning("cannot add buttons to message %s: %s", record.message_id, exc)
+            owner = self.voice(previous.persona) if previous is not None else None
+            if previous is not None and owner is not None:
+                await buttons.strip(owner.client.get_channel(previous.channel_id) or channel, previous, write)
 
     async def press(self, client: BotClient, interaction: discord.Interaction) -> None:
         """A button on a reply: page its swipes, or regenerate or continue it (the asker and admins only)."""

@@ -69,6 +69,7 @@ async def test_only_the_asker_and_admins_press_and_only_the_latest_reply_has_but
     async with running(tmp_path, engine=takes()) as h:
         bob = h.fake.add_user("Bob")
         first = await h.reply_text(h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} one"), "take 1")
+        await h.fake.wait_for(lambda: ids(h, first))  # a button can be pressed once it is there
         denied = await pressed(h, first, "regen", bob)
         assert await denied.text() == DENIED and denied.ephemeral and len(h.engine.served) == 1
         await pressed(h, first, "regen", h.owner)

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from bot import state as state_module
-from bot.state import LATEST, MIGRATIONS, ChannelSettings, State, StateError
+from bot.state import LATEST, MIGRATIONS, ChannelSettings, ReplyRecord, State, StateError
 
 
 def test_first_open_creates_the_latest_schema_in_wal_mode(tmp_path):
@@ -104,3 +104,16 @@ def test_an_unusable_path_names_the_setting(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(StateError, match="STATE_DB=.*cannot open"):
         State(tmp_path / "file" / "bot.db")
+
+
+def test_each_channel_keeps_one_reply_with_buttons(tmp_path):
+    state = State(tmp_path / "bot.db")
+    first = ReplyRecord(100, 5, "Brine", 1, 99, ["take 1"])
+    assert state.offer_reply(first) is None
+    first.swipes.append("take 2")
+    first.shown = 1
+    state.update_reply(first)
+    assert state.offer_reply(ReplyRecord(200, 6, "Coral", 1, 199, ["x"])) is None, "another channel"
+    replaced = state.offer_reply(ReplyRecord(300, 5, "Coral", 2, 299, ["y"]))
+    assert replaced == ReplyRecord(100, 5, "Brine", 1, 99, ["take 1", "take 2"], 1)
+    assert state.reply_record(100) is None and state.reply_record(300).persona == "Coral"
