@@ -240,7 +240,8 @@ class PersonaBot:
         if self.settings_for(channel_id).group_chat:
             if _human(message):
                 self.group.human(channel_id)
-            elif any(v.owns(message) for v in self.voices):
+            elif (message.type in CHAT_TYPES and any(v.owns(message) for v in self.voices)
+                  and not (session is not None and session.active)):  # not command answers, nor /converse turns
                 self.queues.submit(channel_id, partial(self._group_turn, message))
         for voice in wanted:
             self.queues.submit(channel_id, partial(self.answer, voice, message))
@@ -467,7 +468,7 @@ class PersonaBot:
     def _revise(self, message: discord.Message) -> None:
         """A person edited a message: memory keeps its new words (every client reports it; the write is
         idempotent, and the personas' own streaming edits never reach the database)."""
-        if _human(message) and message.type in CHAT_TYPES:
+        if _human(message) and message.type in CHAT_TYPES and message.clean_content.strip():
             self._background(self.state.run(self.memory.revise, message.id, message.clean_content))
 
     def _forget(self, message_ids: set[int]) -> None:

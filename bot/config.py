@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     converse_turns: int = Field(6, gt=0)
     converse_max_turns: int = Field(20, gt=0)
     converse_cooldown: float = Field(3.0, ge=0)
+    reply_buttons: bool = Field(True, description="regenerate/continue buttons on each channel's latest reply")
     # state and memory (bot.state, bot.memory)
     state_db: Path = Field(Path("personabot.db"), description="the SQLite file resets, swaps, settings and memory "
                                                              "live in; created on first run")
@@ -62,7 +63,6 @@ class Settings(BaseSettings):
     memory_max_days: float = Field(180.0, gt=0, description="days a message is kept")
     memory_notes_after: int = Field(0, ge=0, description="write a note about a person every N of their "
                                                          "messages; 0: no notes")
-    reply_buttons: bool = Field(True, description="regenerate/continue buttons on each channel's latest reply")
     # group chat (bot.group)
     group_cap: int = Field(4, ge=0, description="bot-to-bot replies without a human message")
     group_decay: float = Field(0.6, gt=0, le=1, description="each bot-to-bot reply's chance is the last one's "

@@ -155,6 +155,20 @@ async def test_group_chat_personas_answer_each_other_until_the_cap(tmp_path):
 
 
 @async_test
+async def test_group_chat_stays_out_of_a_converse_session(tmp_path):
+    async with running(tmp_path, group_decay=1.0, group_cooldown=0) as h:
+        await h.fake.command(h.bots["Brine"], h.owner, h.general, "persona settings", group=True).text()
+        start = h.fake.command(h.bots["Brine"], h.alice, h.general, "converse", persona_a="Brine",
+                               persona_b="Coral", topic="Brine and Coral", turns=3)
+        assert "Brine" in await start.text()
+        session = h.app.sessions[h.general.id]
+        await h.fake.wait_for(lambda: not session.active)
+        await h.settled()
+        await asyncio.sleep(0.3)
+        assert bot_replies(h) == ["Brine", "Coral", "Brine"], "the session's turns only, though each names the other"
+
+
+@async_test
 async def test_a_restart_mid_conversation_loses_nothing_the_user_was_told(tmp_path):
     async with running(tmp_path) as h:
         brine, owner = h.bots["Brine"], h.owner
