@@ -268,8 +268,11 @@ class PersonaBot:
     async def answer(self, voice: Voice, message: discord.Message) -> str:
         """``voice`` replies to ``message`` (which may have come through another persona's client)."""
         turns, context = await self._prompt(voice, message)
-        channel = message.channel if message.guild is None else voice.client.get_channel(message.channel.id)
-        stream = await self._streamed(voice, channel, turns, reply_to=message, context=context)  # type: ignore[arg-type]
+        if message.guild is None:  # a DM: plain messages, no quote-reply
+            channel, reply_to = message.channel, None
+        else:
+            channel, reply_to = voice.client.get_channel(message.channel.id), message
+        stream = await self._streamed(voice, channel, turns, reply_to=reply_to, context=context)  # type: ignore[arg-type]
         if self.settings.reply_buttons and isinstance(voice, BotVoice) and len(stream.message_ids) == 1:
             self._background(self._offer(voice, channel, stream, message))  # type: ignore[arg-type]
         return stream.text

@@ -83,3 +83,16 @@ async def test_only_the_asker_and_admins_press_and_only_the_latest_reply_has_but
         await h.restart(takes())
         await pressed(h, second, "regen", bob)
         await h.fake.wait_for(lambda: second["content"] == "take 1")  # buttons work after a restart
+
+
+@async_test
+async def test_a_dm_reply_is_a_plain_message_with_buttons(tmp_path):
+    async with running(tmp_path, engine=takes()) as h:
+        dm = h.fake.dm_channel(h.alice, h.bots["Brine"])
+        h.fake.post(h.alice, dm, "psst")
+        await h.fake.wait_for(lambda: len(dm.messages) == 2 and dm.messages[1]["content"] == "take 1")
+        reply = dm.messages[1]
+        assert "message_reference" not in reply, "no quote-reply in a DM"
+        await h.fake.wait_for(lambda: ids(h, reply))
+        await pressed(h, reply, "regen")
+        await h.fake.wait_for(lambda: reply["content"] == "take 2")
