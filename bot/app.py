@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,18 +12,22 @@ from typing import Any
 import aiohttp
 import discord
 
-from finetune.bundle import BundleError, Manifest
+from finetune.bundle import BundleError, Manifest, Sampling
 
+from . import buttons
 from .client import BotClient
 from .commands import register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
 from .converse import ConverseSession
 from .engine.base import Engine, EngineError
 from .errors import CommandError
-from .history import gather, to_messages, window_start
+from .group import GroupChats, named
+from .history import CHAT_TYPES, gather, to_messages, window_start
+from .memory import Memory, block, clean_note, note_prompt
 from .prompt import assemble
 from .queues import ChannelQueues
-from .streaming import EditLimiter, ReplyStream
+from .state import ChannelSettings, ReplyRecord, SessionRecord, State, StateError
+from .streaming import EditLimiter, ReplyStream, ReplyTarget
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
 log = logging.getLogger(__name__)
@@ -46,9 +50,22 @@ class PersonaBot:
         self.limiter = EditLimiter(settings.edit_interval, settings.edits_per_second)
         self.queues = ChannelQueues()
         self.sessions: dict[int, ConverseSession] = {}
-        self.resets: dict[int, int] = {}
-        self.windows: dict[int, int] = {}
-        """channel id -> the newest message that has fallen out of the channel's context window"""
+        try:
+            self.state = State(settings.state_db)
+        except StateError as exc:
+            raise StartupError(str(exc)) from exc
+        self.memory = Memory(self.state, budget_chars=settings.memory_chars, max_rows=settings.memory_max_messages,
+                             max_days=settings.memory_max_days)
+        # read on every message, so kept in memory too; every change is written through to the state database
+        self.resets, self.windows = self.state.floors()
+        """channel id -> reset marker; channel id -> the newest message that has left its context window"""
+        self.channel_settings: dict[int, ChannelSettings] = self.state.channel_settings()
+        self.memory_off: set[int] = self.state.memory_off_guilds()
+        self.group = GroupChats(settings.group_cap, settings.group_decay, settings.group_cooldown)
+        self._offers: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """channel id -> held while buttons move to the channel's newest reply"""
+        self._said: dict[tuple[int, int], int] = defaultdict(int)
+        """(guild or 0, user) -> their messages kept since the last note about them"""
         self.streams: dict[int, set[ReplyStream]] = defaultdict(set)
         self.clients: list[BotClient] = []
         self.voices: list[Voice] = []
@@ -71,8 +88,8 @@ class PersonaBot:
                 raise ConfigError(f"personas {names} use the same bot token; give each its own, or use webhook mode")
             voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
             client = BotClient(
-                token, self._label(personas), on_message=self.on_message,
-                add_commands=partial(register, app=self, voices=voices),
+                token, self._label(personas), on_message=self.on_message, on_edit=self._revise,
+                on_delete=self._forget, on_button=self.press, add_commands=partial(register, app=self, voices=voices),
                 command_guilds=self.settings.command_guilds, **self._client_options,
             )
             webhooks = Webhooks(client)
@@ -109,10 +126,45 @@ class PersonaBot:
                 await self.engine.load_adapter(persona.name, persona.adapter)
             except (EngineError, BundleError, OSError) as exc:
                 raise StartupError(f"persona '{persona.name}': cannot load adapter {persona.adapter}: {exc}") from exc
+        interrupted = await self._restore()
         for client in self.clients:
             client.connection = asyncio.create_task(client.connect(), name=f"gateway {client.label}")
         await asyncio.gather(*(self._until_ready(c) for c in self.clients))
         log.info("ready: %s", ", ".join(v.name for v in self.voices))
+        for record in interrupted:
+            await self._say_interrupted(record)
+
+    async def _restore(self) -> list[SessionRecord]:
+        """What the last run was told to keep: swaps the owner asked to keep serve again (a bundle that no
+        longer loads is logged and the personas file's serves); conversations cut off by the shutdown are
+        marked interrupted, and returned so the channels can be told once connected."""
+        for name, bundle in (await self.state.run(self.state.swaps)).items():
+            voice = self.voice(name)
+            if voice is None:
+                continue
+            try:
+                await self.engine.load_adapter(voice.name, Path(bundle))
+            except (EngineError, BundleError, OSError) as exc:
+                log.error("persona %s: the kept swap to %s no longer loads (%s); serving %s", voice.name, bundle,
+                          exc, voice.persona.adapter)
+        interrupted = await self.state.run(self.state.interrupt_sessions)
+        for record in interrupted:
+            log.warning("conversation %d in channel %s (%s) was interrupted by the restart after %d of %d turns",
+                        record.id, record.channel_id, " and ".join(record.personas), record.spoken, record.turns)
+        return interrupted
+
+    async def _say_interrupted(self, record: SessionRecord) -> None:
+        """Tell the channel a conversation it was promised did not finish (people saw it stop mid-way)."""
+        voice = self.voice(record.personas[0]) if record.personas else None
+        channel = voice.client.get_channel(record.channel_id) if voice is not None else None
+        if channel is None:
+            return
+        text = (f"⏹️ The conversation about *{record.topic}* was cut off by a restart after {record.spoken} of "
+                f"{record.turns} turns; `/converse` starts a new one.")
+        try:
+            await channel.send(text)  # type: ignore[union-attr]
+        except discord.HTTPException as exc:
+            log.warning("cannot tell channel %s about the interrupted conversation: %s", record.channel_id, exc)
 
     async def _login(self, client: BotClient) -> None:
         try:
@@ -163,6 +215,7 @@ class PersonaBot:
                              return_exceptions=True)
         if isinstance(self._engine, Engine):
             await self._engine.close()
+        await asyncio.to_thread(self.state.close)
 
     # who answers what
 
@@ -183,6 +236,13 @@ class PersonaBot:
                 wanted = [session.next_speaker]
             session.stop("interrupted")
             self.stop_replies(channel_id)
+        self._remember(message)
+        if self.settings_for(channel_id).group_chat:
+            if _human(message):
+                self.group.human(channel_id)
+            elif (message.type in CHAT_TYPES and any(v.owns(message) for v in self.voices)
+                  and not (session is not None and session.active)):  # not command answers, nor /converse turns
+                self.queues.submit(channel_id, partial(self._group_turn, message))
         for voice in wanted:
             self.queues.submit(channel_id, partial(self.answer, voice, message))
 
@@ -207,42 +267,63 @@ class PersonaBot:
 
     async def answer(self, voice: Voice, message: discord.Message) -> str:
         """``voice`` replies to ``message`` (which may have come through another persona's client)."""
+        turns, context = await self._prompt(voice, message)
+        if message.guild is None:  # a DM: plain messages, no quote-reply
+            channel, reply_to = message.channel, None
+        else:
+            channel, reply_to = voice.client.get_channel(message.channel.id), message
+        stream = await self._streamed(voice, channel, turns, reply_to=reply_to, context=context)  # type: ignore[arg-type]
+        if self.settings.reply_buttons and isinstance(voice, BotVoice) and len(stream.message_ids) == 1:
+            self._background(self._offer(voice, channel, stream, message))  # type: ignore[arg-type]
+        return stream.text
+
+    async def _prompt(self, voice: Voice, message: discord.Message) -> tuple[list[dict[str, str]], list[str]]:
+        """The conversation turns and the system context for ``voice``'s reply to ``message``."""
         channel_id, limit, chars = message.channel.id, self.settings.history_messages, self.settings.history_chars
         reset = self.resets.get(channel_id)
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
             floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
             history = await gather(message, limit + 1, floor)  # one more than fits shows that the window is full
             start = window_start(history, voice.owns, max_messages=limit, max_chars=chars)
-            if start:
+            if start and history[start - 1].id != self.windows.get(channel_id):
                 self.windows[channel_id] = history[start - 1].id
+                self._background(self.state.run(self.state.set_window, channel_id, history[start - 1].id))
             history = history[start:]
         else:
             history = await gather(message, limit, reset)
         turns = to_messages(history, voice.owns, max_messages=limit, max_chars=chars)
-        if message.guild is None:
-            return await self.reply(voice, message.channel, turns)
-        channel = voice.client.get_channel(message.channel.id)
-        return await self.reply(voice, channel, turns, reply_to=message)  # type: ignore[arg-type]
+        return turns, [await self._recall(voice, message, history)]
 
     async def reply(
         self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]],
-        reply_to: discord.Message | None = None,
+        reply_to: discord.Message | None = None, context: list[str] | None = None,
     ) -> str:
-        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``: every reply (channel
-        messages, /converse turns) reaches the engine through ``prompt.assemble`` here."""
+        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``; returns its text."""
+        return (await self._streamed(voice, channel, turns, reply_to=reply_to, context=context)).text
+
+    async def _streamed(
+        self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]], *,
+        reply_to: discord.Message | None = None, context: list[str] | None = None,
+        target: ReplyTarget | None = None, prefix: str = "",
+    ) -> ReplyStream:
+        """Every reply (channel messages, /converse turns, regenerated and continued replies) reaches the
+        engine through ``prompt.assemble`` here, with the channel's sampling settings. ``target`` overrides
+        where it is written, ``prefix`` is text the reply starts with (a continued reply's)."""
         try:
             card = self.engine.manifest(voice.persona.name).card
         except EngineError:  # not loaded: the stream below reports it as for any reply
             card = None
-        messages = assemble(turns, card=card)
+        messages = assemble(turns, context or (), card=card)
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
-            await voice.reply_target(channel, reply_to), self.limiter, channel_id,
+            target or await voice.reply_target(channel, reply_to), self.limiter, channel_id,
             placeholder_after=self.settings.placeholder_after,
         )
         self.streams[channel_id].add(stream)
         try:
-            return await stream.run(self.engine.stream(voice.persona.name, messages))
+            pieces = self.engine.stream(voice.persona.name, messages, self.sampling(voice, channel_id))
+            await stream.run(_prefixed(prefix, pieces) if prefix else pieces)
+            return stream
         finally:
             self.streams[channel_id].discard(stream)
             if not self.streams[channel_id]:
@@ -253,13 +334,19 @@ class PersonaBot:
     def voice(self, name: str) -> Voice | None:
         return next((v for v in self.voices if v.name.lower() == name.strip().lower()), None)
 
-    async def swap(self, voice: Voice, adapter: str) -> Manifest:
-        """Serve another bundle for ``voice``; on any error the old adapter keeps serving."""
+    async def swap(self, voice: Voice, adapter: str, keep: bool = False, by_user: int = 0) -> Manifest:
+        """Serve another bundle for ``voice``; on any error the old adapter keeps serving. ``keep``: serve it
+        after a restart too (written before this returns, so what the owner is told is what a restart does);
+        without it a restart serves the personas file's bundle again."""
         path = Path(adapter).expanduser()
         if not path.exists() and not path.is_absolute():
             path = self.settings.adapters_dir / adapter
         manifest = await self.engine.load_adapter(voice.name, path.resolve())
-        log.info("persona %s now serves %s (%s)", voice.name, manifest.name, path)
+        if keep:
+            await self.state.run(self.state.keep_swap, voice.name, str(path.resolve()), by_user)
+        else:
+            await self.state.run(self.state.drop_swap, voice.name)
+        log.info("persona %s now serves %s (%s)%s", voice.name, manifest.name, path, ", kept" if keep else "")
         return manifest
 
     def stop_replies(self, channel_id: int) -> int:
@@ -274,11 +361,15 @@ class PersonaBot:
         stopped = session is not None and session.active
         if session is not None:
             session.stop("stopped by /stop")
+        self.group.stop(channel_id)
         return bool(self.stop_replies(channel_id)) or stopped
 
-    def reset(self, channel_id: int) -> None:
-        """/reset: messages up to now are no longer context in this channel."""
-        self.resets[channel_id] = discord.utils.time_snowflake(discord.utils.utcnow(), high=True)
+    async def reset(self, channel_id: int) -> None:
+        """/reset: messages up to now are no longer context in this channel (nor recalled from memory);
+        written to the state database before the command answers."""
+        marker = discord.utils.time_snowflake(discord.utils.utcnow(), high=True)
+        await self.state.run(self.state.set_reset, channel_id, marker)
+        self.resets[channel_id] = marker
         self.windows.pop(channel_id, None)
 
     def converse(
@@ -306,10 +397,24 @@ class PersonaBot:
             cooldown=self.settings.converse_cooldown, started_by=getattr(user, "display_name", user.name),
         )
         self.sessions[session.channel_id] = session
-        task = asyncio.create_task(session.run(partial(self._turn, session)), name=f"converse-{session.channel_id}")
+        record = self.state.start_session(session.channel_id, [v.name for v in voices], topic, session.turns,
+                                          session.started_by)  # one short insert, before the command answers
+        task = asyncio.create_task(self._converse(session, record), name=f"converse-{session.channel_id}")
         task.add_done_callback(self._tasks.discard)
         self._tasks.add(task)
         return session
+
+    async def _converse(self, session: ConverseSession, record: int) -> None:
+        """Run the session, keeping its progress in the state database; a shutdown mid-way leaves it
+        'running' there, which the next start reports as interrupted."""
+        async def speak(voice: Voice, turns: list[dict[str, str]]) -> str:
+            text = await self._turn(session, voice, turns)
+            await self.state.run(self.state.session_spoke, record, len(session.transcript) + 1)
+            return text
+
+        await session.run(speak)
+        if session.reason != "shutting down":
+            await self.state.run(self.state.end_session, record, session.reason)
 
     async def _turn(self, session: ConverseSession, voice: Voice, turns: list[dict[str, str]]) -> str:
         """One conversation turn, queued behind whatever the channel is already answering."""
@@ -320,6 +425,174 @@ class PersonaBot:
             return await self.reply(voice, channel, turns)  # type: ignore[arg-type]
 
         return await self.queues.submit(session.channel_id, turn)
+
+    # per-channel settings, memory, group chat
+
+    def settings_for(self, channel_id: int) -> ChannelSettings:
+        return self.channel_settings.get(channel_id, ChannelSettings())
+
+    async def set_channel_settings(self, channel_id: int, settings: ChannelSettings) -> None:
+        """/persona settings: written before the command answers."""
+        await self.state.run(self.state.set_channel_settings, channel_id, settings)
+        self.channel_settings[channel_id] = settings
+
+    def sampling(self, voice: Voice, channel_id: int) -> Sampling | None:
+        """The persona's sampling with the channel's temperature and reply length; None: the persona's own."""
+        chosen = self.settings_for(channel_id)
+        update = {k: v for k, v in (("temperature", chosen.temperature), ("max_new_tokens", chosen.max_new_tokens))
+                  if v is not None}
+        return self.engine.manifest(voice.name).sampling.model_copy(update=update) if update else None
+
+    def remembers(self, guild_id: int | None) -> bool:
+        return self.settings.memory and (guild_id is None or guild_id not in self.memory_off)
+
+    async def set_guild_memory(self, guild_id: int, on: bool) -> int:
+        """A guild admin turns memory on or off there; off also deletes what was kept (returns how many)."""
+        await self.state.run(self.state.set_guild_memory, guild_id, on)
+        (self.memory_off.discard if on else self.memory_off.add)(guild_id)
+        return 0 if on else await self.state.run(self.memory.forget_guild, guild_id)
+
+    def _remember(self, message: discord.Message) -> None:
+        """Keep a person's chat message for recall (off the hot path); every MEMORY_NOTES_AFTER of a person's
+        messages, ask a persona that answers here for a note about them."""
+        guild_id = message.guild.id if message.guild else None
+        if not _human(message) or message.type not in CHAT_TYPES or not self.remembers(guild_id):
+            return
+        self._background(self.state.run(partial(
+            self.memory.keep, message_id=message.id, guild_id=guild_id, channel_id=message.channel.id,
+            author_id=message.author.id, author_name=message.author.display_name, content=message.clean_content,
+            at=message.created_at.timestamp())))
+        every = self.settings.memory_notes_after
+        key = (guild_id or 0, message.author.id)
+        self._said[key] += 1
+        if every and self._said[key] >= every:
+            self._said[key] = 0
+            voice = next((v for v in self.voices if self.wants(v, message, v.client)), None) or next(
+                (v for v in self.voices if v.client.get_channel(message.channel.id) is not None), None)
+            if voice is not None:
+                self._background(self._note(voice, guild_id, message.author))
+
+    def _revise(self, message: discord.Message) -> None:
+        """A person edited a message: memory keeps its new words (every client reports it; the write is
+        idempotent, and the personas' own streaming edits never reach the database)."""
+        if _human(message) and message.type in CHAT_TYPES and message.clean_content.strip():
+            self._background(self.state.run(self.memory.revise, message.id, message.clean_content))
+
+    def _forget(self, message_ids: set[int]) -> None:
+        """Messages deleted on Discord leave memory too."""
+        self._background(self.state.run(self.memory.forget_messages, message_ids))
+
+    async def _note(self, voice: Voice, guild_id: int | None, user: discord.abc.User) -> None:
+        """Ask the engine for a one-line note about ``user`` from what they said; a failure only logs."""
+        try:
+            said = await self.state.run(self.memory.said_by, user.id)
+            previous = (await self.state.run(self.memory.notes, guild_id, voice.name, [user.id])).get(user.id)
+            sampling = Sampling(temperature=0.3, max_new_tokens=60)
+            text = await self.engine.complete(voice.name, note_prompt(user.display_name, said, previous), sampling)
+            if note := clean_note(text):
+                await self.state.run(self.memory.set_note, guild_id, user.id, voice.name, note)
+        except (EngineError, OSError) as exc:
+            log.warning("note about user %s by %s failed: %s", user.id, voice.name, exc)
+
+    async def _recall(self, voice: Voice, message: discord.Message, history: list[discord.Message]) -> str:
+        """The memory block for a reply whose context is ``history``: messages that have left it (after the
+        channel's reset) matching ``message``, and the notes about the people in it."""
+        guild_id = message.guild.id if message.guild else None
+        if not self.remembers(guild_id) or not self.settings.memory_chars:
+            return ""
+        channel_id = message.channel.id
+        names = [v.name for v in self.voices]
+        memories = await self.state.run(partial(
+            self.memory.recall, channel_id, message.clean_content, window_start=history[0].id,
+            after=self.resets.get(channel_id, 0), ignore=names))
+        people = {m.author.id: m.author.display_name for m in history if _human(m)}
+        notes = await self.state.run(self.memory.notes, guild_id, voice.name, list(people))
+        return block(memories, {people[user]: note for user, note in notes.items()})
+
+    async def _group_turn(self, message: discord.Message) -> None:
+        """A persona's message in a group-chat channel, once it is final (the queue runs this after the reply
+        being streamed): the persona it names or replies to may answer, if the loop control allows."""
+        try:
+            final = await message.channel.fetch_message(message.id)
+        except discord.HTTPException:
+            return
+        candidates = [v for v in self.voices if not v.owns(final) and (v.addressed(final) or named(
+            final.clean_content, v.name)) and v.client.get_channel(final.channel.id) is not None]
+        if candidates and self.group.decide(final.channel.id):
+            await self.answer(candidates[0], final)
+
+    # regenerate / continue buttons (bot.buttons)
+
+    async def _offer(self, voice: Voice, channel: discord.abc.Messageable, stream: ReplyStream,
+                     message: discord.Message) -> None:
+        """Put the buttons on this reply, and take them off the channel's previous one. Off the channel's
+        queue, so the next reply need not wait for these writes; one channel's offers run in order."""
+        record = ReplyRecord(stream.message_ids[0], message.channel.id, voice.name, message.author.id, message.id,
+                             [stream.text])
+        write = partial(self.limiter.acquire, record.channel_id)
+        async with self._offers[record.channel_id]:
+            previous = await self.state.run(self.state.offer_reply, record)
+            try:
+                await buttons.show(channel, record, write)
+            except discord.HTTPException as exc:
+                log.warning("cannot add buttons to message %s: %s", record.message_id, exc)
+            owner = self.voice(previous.persona) if previous is not None else None
+            if previous is not None and owner is not None:
+                await buttons.strip(owner.client.get_channel(previous.channel_id) or channel, previous, write)
+
+    async def press(self, client: BotClient, interaction: discord.Interaction) -> None:
+        """A button on a reply: page its swipes, or regenerate or continue it (the asker and admins only)."""
+        action, message_id = buttons.parse(str((interaction.data or {}).get("custom_id", ""))) or ("", 0)
+        record = await self.state.run(self.state.reply_record, message_id)
+        voice = self.voice(record.persona) if record is not None else None
+        channel = interaction.channel
+        if record is None or voice is None or voice.client is not client or channel is None:
+            await interaction.response.send_message(buttons.STALE, ephemeral=True)
+            return
+        admin = interaction.user.id in self.settings.owner_ids or (
+            interaction.guild_id is not None and interaction.permissions.manage_guild)
+        if interaction.user.id != record.asked_by and not admin:
+            await interaction.response.send_message(buttons.DENIED, ephemeral=True)
+            return
+        await interaction.response.defer()
+        if action in ("prev", "next"):
+            record.shown = max(0, min(len(record.swipes) - 1, record.shown + (1 if action == "next" else -1)))
+        elif action in ("regen", "more"):
+            await self.queues.submit(record.channel_id, partial(self._rewrite, voice, channel, record, action))
+        await self.state.run(self.state.update_reply, record)
+        await buttons.show(channel, record, partial(self.limiter.acquire, record.channel_id))  # type: ignore[arg-type]
+
+    async def _rewrite(self, voice: Voice, channel: discord.abc.Messageable, record: ReplyRecord, action: str) -> None:
+        """Regenerate (a new swipe, shown) or continue (the shown swipe, extended) in the reply's message."""
+        try:
+            source = await channel.fetch_message(record.source_id)
+        except discord.HTTPException:
+            log.info("the message reply %s answered is gone; nothing to regenerate", record.message_id)
+            return
+        turns, context = await self._prompt(voice, source)
+        shown, prefix = record.swipes[record.shown], ""
+        if action == "more":
+            turns, prefix = [*turns, {"role": "assistant", "content": shown}], shown.rstrip() + " "
+        target = buttons.Rewrite(await voice.reply_target(channel, None), [record.message_id])
+        stream = await self._streamed(voice, channel, turns, context=context, target=target, prefix=prefix)
+        if action == "regen":
+            record.swipes.append(stream.text)
+            record.shown = len(record.swipes) - 1
+        else:
+            record.swipes[record.shown] = stream.text
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        """Work nobody waits for (memory writes, notes): tracked so close() cancels it instead of leaving it
+        running against a closed state database."""
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(task)
+
+
+async def _prefixed(prefix: str, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield prefix
+    async for piece in pieces:
+        yield piece
 
 
 def _places(channel: object) -> set[int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import discord
@@ -30,7 +30,9 @@ class BotClient(discord.Client):
     def __init__(
         self, token: str, label: str, *, on_message: Callable[[BotClient, discord.Message], None],
         add_commands: Callable[[app_commands.CommandTree], None], command_guilds: Sequence[int] = (),
-        **options: Any,
+        on_edit: Callable[[discord.Message], None] = lambda message: None,
+        on_delete: Callable[[set[int]], None] = lambda message_ids: None,
+        on_button: Callable[[BotClient, discord.Interaction], Awaitable[None]] | None = None, **options: Any,
     ) -> None:
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # text only: no voice warnings
         super().__init__(intents=intents(), allowed_mentions=ALLOWED_MENTIONS, **options)
@@ -38,6 +40,9 @@ class BotClient(discord.Client):
         self.label = label
         self.connection: asyncio.Task | None = None
         self._on_message = on_message
+        self._on_edit = on_edit
+        self._on_delete = on_delete
+        self._on_button = on_button
         self._add_commands = add_commands
         self._command_guilds = list(command_guilds)
         self.tree = app_commands.CommandTree(self)
@@ -54,6 +59,21 @@ class BotClient(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         self._on_message(self, message)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Button presses on reply messages (``bot.buttons`` ids); slash commands go through the tree."""
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if interaction.type is discord.InteractionType.component and custom_id.startswith("pb:") and self._on_button:
+            await self._on_button(self, interaction)
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        self._on_edit(payload.message)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        self._on_delete({payload.message_id})
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        self._on_delete(set(payload.message_ids))
 
     async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         log.error("/%s failed: %s", interaction.command.qualified_name if interaction.command else "?", error,

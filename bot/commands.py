@@ -1,4 +1,4 @@
-"""Slash commands: /persona list|swap|reload, /converse, /stop, /reset.
+"""Slash commands: /persona list|swap|reload|settings, /converse, /stop, /reset, /memory show|forget|guild.
 
 Each command is a plain function in ``COMMANDS``, the one table Discord registration (``register``) and
 ``personabot simulate``'s terminal both read, so a command cannot exist in one and be missing in the other.
@@ -17,6 +17,7 @@ from finetune.bundle import BundleError
 
 from .engine.base import EngineError
 from .errors import CommandError
+from .state import ChannelSettings
 
 if TYPE_CHECKING:
     from finetune.bundle import Manifest
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .config import Settings
     from .converse import ConverseSession
     from .engine.base import Engine
+    from .memory import Memory
+    from .state import State
     from .voices import Voice
 
 
@@ -38,11 +41,25 @@ class App(Protocol):
 
     def voice(self, name: str) -> Voice | None: ...
 
-    async def swap(self, voice: Voice, adapter: str) -> Manifest: ...
+    async def swap(self, voice: Voice, adapter: str, keep: bool = False, by_user: int = 0) -> Manifest: ...
 
     def stop(self, channel_id: int) -> bool: ...
 
-    def reset(self, channel_id: int) -> None: ...
+    async def reset(self, channel_id: int) -> None: ...
+
+    def settings_for(self, channel_id: int) -> ChannelSettings: ...
+
+    async def set_channel_settings(self, channel_id: int, settings: ChannelSettings) -> None: ...
+
+    def remembers(self, guild_id: int | None) -> bool: ...
+
+    async def set_guild_memory(self, guild_id: int, on: bool) -> int: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def memory(self) -> Memory: ...
 
     def converse(self, channel: discord.abc.Messageable, names: list[str], topic: str, turns: int | None,
                  user: discord.abc.User) -> ConverseSession: ...
@@ -53,18 +70,18 @@ class Param:
     """One option of a command, as Discord shows it and as the simulate terminal parses it.
 
     ``persona`` is a persona's name (autocompleted), ``word`` one word, ``text`` the rest of the line,
-    ``count`` a whole number within ``bounds``.
+    ``count`` a whole number within ``bounds``, ``flag`` yes or no (Discord's boolean option).
     """
 
     name: str
     description: str
-    kind: Literal["persona", "word", "text", "count"] = "word"
+    kind: Literal["persona", "word", "text", "count", "flag"] = "word"
     required: bool = True
     bounds: tuple[int, int] = (1, 100)
 
     def parameter(self) -> inspect.Parameter:
         """The callback parameter discord.py reads the option's type and default from."""
-        kind: Any = app_commands.Range[int, self.bounds[0], self.bounds[1]] if self.kind == "count" else str
+        kind: Any = {"count": app_commands.Range[int, self.bounds[0], self.bounds[1]], "flag": bool}.get(self.kind, str)
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY,
                                  annotation=kind if self.required else Optional[kind],
                                  default=inspect.Parameter.empty if self.required else None)
@@ -159,14 +176,16 @@ async def list_personas(call: Call) -> Reply:
     return Reply("\n".join(lines))
 
 
-async def swap(call: Call, adapter: str, persona: str | None = None) -> Reply:
+async def swap(call: Call, adapter: str, persona: str | None = None, keep: bool | None = None) -> Reply:
     voice = call.persona(persona)
+    kept = bool(keep)
     await call.working()
     try:
-        manifest = await call.app.swap(voice, adapter)
+        manifest = await call.app.swap(voice, adapter, keep=kept, by_user=call.interaction.user.id)
     except (EngineError, BundleError) as exc:  # shown to the admin; the old adapter keeps serving
         return Reply(f"❌ {exc}\n**{voice.name}** keeps serving its current adapter.")
-    return Reply(f"✅ **{voice.name}** now serves `{manifest.name}`.")
+    after = "also after a restart" if kept else "until the bot restarts (`keep:yes` keeps it)"
+    return Reply(f"✅ **{voice.name}** now serves `{manifest.name}`, {after}.")
 
 
 async def reload(call: Call, persona: str | None = None) -> Reply:
@@ -198,15 +217,67 @@ async def stop(call: Call) -> Reply:
 
 async def reset(call: Call) -> Reply:
     if call.interaction.channel_id is not None:
-        call.app.reset(call.interaction.channel_id)
+        await call.app.reset(call.interaction.channel_id)
     return Reply("🧹 Context reset: the personas ignore everything above this.", private=False)
 
 
-GROUPS = {"persona": "The personas this bot serves"}
+async def channel_settings(call: Call, group: bool | None = None, temperature: str | None = None,
+                           length: int | None = None) -> Reply:
+    """Per-channel settings; with no option, shows them. ``temperature`` and ``length`` 'default' clear."""
+    channel_id = call.interaction.channel_id
+    if channel_id is None:
+        raise CommandError("settings are per channel; run this in one")
+    current = call.app.settings_for(channel_id)
+    if group is not None or temperature is not None or length is not None:
+        heat = current.temperature
+        if temperature is not None:
+            try:
+                heat = None if temperature.strip().lower() == "default" else float(temperature)
+            except ValueError:
+                raise CommandError(f"temperature: a number such as 0.7, or 'default' (got '{temperature}')") from None
+            if heat is not None and not 0 <= heat <= 2:
+                raise CommandError(f"temperature: between 0 and 2 (got {heat})")
+        current = ChannelSettings(group if group is not None else current.group_chat, heat,
+                                  length if length is not None else current.max_new_tokens)
+        await call.app.set_channel_settings(channel_id, current)
+    return Reply("⚙️ Here: group chat " + ("on (personas answer each other when named; a person writing or "
+                 "`/stop` resets it)" if current.group_chat else "off")
+                 + f"; temperature {current.temperature if current.temperature is not None else 'persona default'}"
+                 + f"; reply length {current.max_new_tokens or 'persona default'} tokens.")
+
+
+async def memory_show(call: Call) -> Reply:
+    user = call.interaction.user
+    count, notes, latest = await call.app.state.run(call.app.memory.about, user.id)
+    if not count and not notes:
+        return Reply("🧠 Nothing is kept about you.")
+    lines = [f"🧠 Kept about you: {count} of your messages (searchable so personas can recall them)."]
+    lines += [f"Newest: {m.line()[2:]}" for m in latest[-3:]]
+    lines += [f"{persona}'s note: {note}" for persona, note in sorted(notes.items())]
+    return Reply("\n".join(lines)[:1900] + "\n`/memory forget` deletes all of it.")
+
+
+async def memory_forget(call: Call) -> Reply:
+    gone = await call.app.state.run(call.app.memory.forget_user, call.interaction.user.id)
+    return Reply(f"🗑️ Deleted {gone} of your messages and every note about you.")
+
+
+async def memory_guild(call: Call, on: bool) -> Reply:
+    guild_id = call.interaction.guild_id
+    if guild_id is None:
+        raise CommandError("run this in a server")
+    gone = await call.app.set_guild_memory(guild_id, on)
+    if on:
+        return Reply("🧠 Memory is on here: messages are kept so personas can recall them.", private=False)
+    return Reply(f"🧠 Memory is off here; {gone} kept messages were deleted.", private=False)
+
+
+GROUPS = {"persona": "The personas this bot serves", "memory": "What the personas remember"}
 COMMANDS: tuple[Command, ...] = (
     Command("persona list", "Personas, the adapters they serve, and their channels", list_personas),
     Command("persona swap", "Serve another adapter bundle, live (Manage Server)", swap, (
-        Param("adapter", "bundle folder, or a bundle name under ADAPTERS_DIR"), PERSONA), admin=True),
+        Param("adapter", "bundle folder, or a bundle name under ADAPTERS_DIR"), PERSONA,
+        Param("keep", "serve it after a restart too", "flag", required=False)), admin=True),
     Command("persona reload", "Re-read the persona's adapter bundle from disk (Manage Server)", reload,
             (PERSONA,), admin=True),
     Command("converse", "Let two personas talk to each other here", converse, (
@@ -215,6 +286,15 @@ COMMANDS: tuple[Command, ...] = (
         Param("turns", "how many messages in all", "count", required=False))),
     Command("stop", "Stop the conversation and any reply being written here", stop),
     Command("reset", "Forget the conversation so far in this channel", reset),
+    Command("persona settings", "This channel's group chat, temperature and reply length (Manage Server)",
+            channel_settings, (
+                Param("group", "personas answer each other when named", "flag", required=False),
+                Param("temperature", "e.g. 0.7, or 'default'", required=False),
+                Param("length", "reply length in tokens", "count", required=False, bounds=(16, 2000))), admin=True),
+    Command("memory show", "What is kept about you", memory_show),
+    Command("memory forget", "Delete everything kept about you", memory_forget),
+    Command("memory guild", "Turn memory on or off in this server; off deletes it (Manage Server)", memory_guild,
+            (Param("on", "keep messages for recall here", "flag"),), admin=True),
 )
 
 

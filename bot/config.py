@@ -53,6 +53,21 @@ class Settings(BaseSettings):
     converse_turns: int = Field(6, gt=0)
     converse_max_turns: int = Field(20, gt=0)
     converse_cooldown: float = Field(3.0, ge=0)
+    reply_buttons: bool = Field(True, description="regenerate/continue buttons on each channel's latest reply")
+    # state and memory (bot.state, bot.memory)
+    state_db: Path = Field(Path("personabot.db"), description="the SQLite file resets, swaps, settings and memory "
+                                                             "live in; created on first run")
+    memory: bool = Field(True, description="keep past messages searchable; a guild admin can turn it off there")
+    memory_chars: int = Field(1200, ge=0, description="characters of recalled memory in a prompt")
+    memory_max_messages: int = Field(20_000, gt=0, description="messages kept per channel")
+    memory_max_days: float = Field(180.0, gt=0, description="days a message is kept")
+    memory_notes_after: int = Field(0, ge=0, description="write a note about a person every N of their "
+                                                         "messages; 0: no notes")
+    # group chat (bot.group)
+    group_cap: int = Field(4, ge=0, description="bot-to-bot replies without a human message")
+    group_decay: float = Field(0.6, gt=0, le=1, description="each bot-to-bot reply's chance is the last one's "
+                                                            "times this")
+    group_cooldown: float = Field(5.0, ge=0, description="seconds between two bot-to-bot replies in a channel")
 
     _ids = field_validator("owner_ids", "command_guilds", mode="before")(_id_list)
 

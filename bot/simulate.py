@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -35,6 +36,9 @@ def help_text() -> str:
 
 
 HELP = help_text()
+
+
+FLAGS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
 
 
 class Usage(ValueError):
@@ -198,6 +202,9 @@ def parse(line: str, world: World) -> tuple[Command, dict[str, object]]:
         elif param.kind == "count" and rest.split(" ")[0].isdecimal():
             word, _, rest = rest.partition(" ")
             value = int(word)
+        elif param.kind == "flag" and rest.split(" ")[0].lower() in FLAGS:
+            word, _, rest = rest.partition(" ")
+            value = FLAGS[word.lower()]
         elif param.kind == "word" and rest:
             value, _, rest = rest.partition(" ")
         rest = rest.strip()
@@ -238,6 +245,7 @@ async def simulate(
     console: Console, lines: asyncio.Queue[str | None] | None = None,
 ) -> None:
     """Run the bot against a fresh fake Discord until /quit or end of input."""
+    settings = settings.model_copy(update={"state_db": Path(":memory:")})  # a fresh fake has no past to keep
     fake = await FakeDiscord(owner_name="you").start(port)
     world = World(fake, personas)
     console.print(f"fake Discord on {fake.api_url}; starting {', '.join(p.name for p in personas)}…")

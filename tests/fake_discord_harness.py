@@ -60,6 +60,16 @@ class Harness:
 
         await asyncio.wait_for(idle(), timeout)
 
+    async def restart(self, engine: Engine | None = None) -> None:
+        """Stop the bot and start it again as a new process would: same settings, personas, tokens and state
+        database, a fresh engine (default: a new FakeEngine), nothing kept in memory."""
+        old = self.app
+        await old.close()
+        self.engine = engine or FakeEngine()
+        self.app = PersonaBot(old.settings, old.personas, self.engine, tokens=old._tokens,
+                              client_options=old._client_options)
+        await self.app.start()
+
     def bundle(self, name: str) -> Path:
         return write_bundle(self.root / "bundles" / name, name)
 
@@ -94,15 +104,16 @@ async def running(
             logins[name] = f"tok-{name}"
             bots[name] = fake.add_bot(name, logins[name], message_content=not denied_intents)
             specs.append(PersonaSpec(name=name, adapter=bundle, token_env=f"{name.upper()}_TOKEN", **extra))
-    config = Settings(_env_file=None, **{**FAST, **settings})  # type: ignore[call-arg]
+    config = Settings(_env_file=None, **{**FAST, "state_db": root / "state.db", **settings})  # type: ignore[call-arg]
     try:
         with fake.patched():
             app = PersonaBot(config, specs, engine, tokens={**logins, **(tokens or {})},
                              client_options={"guild_ready_timeout": 0.02})
+            harness = Harness(fake, app, engine, bots, general, alice, fake.owner, root)
             try:
                 await app.start()
-                yield Harness(fake, app, engine, bots, general, alice, fake.owner, root)
+                yield harness
             finally:
-                await app.close()
+                await harness.app.close()
     finally:
         await fake.close()

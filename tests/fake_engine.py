@@ -26,6 +26,7 @@ class Served:
     adapter: str
     bundle: str  # the manifest name of the bundle that served it: changes on swap
     messages: list[dict[str, str]]
+    sampling: Sampling | None = None
 
 
 class FakeEngine(Engine):
@@ -73,11 +74,13 @@ class FakeEngine(Engine):
     def stream(
         self, adapter: str, messages: list[dict[str, str]], sampling: Sampling | None = None
     ) -> AsyncIterator[str]:
-        return self._stream(adapter, [dict(m) for m in messages])
+        return self._stream(adapter, [dict(m) for m in messages], sampling)
 
-    async def _stream(self, adapter: str, messages: list[dict[str, str]]) -> AsyncIterator[str]:
+    async def _stream(
+        self, adapter: str, messages: list[dict[str, str]], sampling: Sampling | None = None
+    ) -> AsyncIterator[str]:
         manifest = self.manifest(adapter)
-        self.served.append(Served(adapter, manifest.name, messages))
+        self.served.append(Served(adapter, manifest.name, messages, sampling))
         self.active += 1
         try:
             await asyncio.sleep(self.first_delay)

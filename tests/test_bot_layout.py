@@ -18,13 +18,14 @@ from bot.prompt import assemble
 from bot.simulate import HELP, Terminal, Usage, World, parse
 
 REPO = Path(__file__).resolve().parents[1]
-SUB_COMMAND, STRING, INTEGER = 1, 3, 4
+SUB_COMMAND, STRING, INTEGER, BOOLEAN = 1, 3, 4, 5
 
 
 @async_test
 async def test_channel_replies_and_converse_turns_all_reach_the_engine_through_the_seam(tmp_path, monkeypatch):
     memory = {"role": "system", "content": "Brine owes Alice a boat."}
-    monkeypatch.setattr(bot.app, "assemble", lambda turns, **card: assemble(turns, [memory["content"]], **card))
+    monkeypatch.setattr(bot.app, "assemble",
+                        lambda turns, context=(), **card: assemble(turns, [memory["content"], *context], **card))
     async with running(tmp_path) as h:
         ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} ahoy")
         await h.reply_text(ask, "[brine-v1] Alice: @Brine ahoy")
@@ -53,7 +54,7 @@ async def test_every_table_command_is_in_the_synced_command_tree(tmp_path):
                     option = options[param.name]
                     assert option["description"] == param.description
                     assert option.get("required", False) == param.required
-                    assert option["type"] == (INTEGER if param.kind == "count" else STRING)
+                    assert option["type"] == {"count": INTEGER, "flag": BOOLEAN}.get(param.kind, STRING)
                     assert option.get("autocomplete", False) == (param.kind == "persona")
                     if param.kind == "count":
                         assert (option["min_value"], option["max_value"]) == param.bounds
@@ -70,7 +71,7 @@ def _typed(command: Command, params: list[Param]) -> tuple[str, dict[str, object
     """A line typing ``params`` of ``command`` as its usage shows, and the options it should give."""
     personas = iter(["Old Coral", "brine"])
     sample = {"word": lambda: "brine-v2", "count": lambda: 3, "text": lambda: "the tides",
-              "persona": lambda: next(personas)}
+              "persona": lambda: next(personas), "flag": lambda: True}
     ordered = [p for p in params if p.kind != "text"] + [p for p in params if p.kind == "text"]
     values = {p.name: sample[p.kind]() for p in ordered}
     expected = {name: "Brine" if value == "brine" else value for name, value in values.items()}
@@ -99,7 +100,8 @@ def test_simulate_explains_lines_that_fit_no_command(tmp_path):
         ("/converse Brine Nobody the tides", "usage: /converse"),
         ("/stop now", "usage: /stop"),
         ("/persona swap v2 Nobody", "usage: /persona swap ADAPTER [PERSONA]"),
-        ("/persona", "usage: /persona list | /persona swap ADAPTER [PERSONA] | /persona reload [PERSONA]"),
+        ("/persona", "usage: /persona list | /persona swap ADAPTER [PERSONA] [KEEP] | /persona reload [PERSONA] | "
+                     "/persona settings [GROUP] [TEMPERATURE] [LENGTH]"),
         ("/sing", "unknown command /sing (/help)"),
     ]:
         with pytest.raises(Usage) as caught:

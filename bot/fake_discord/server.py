@@ -248,6 +248,18 @@ class FakeDiscord:
         """``author`` writes in ``channel`` (optionally replying to a message)."""
         return self.create_message(channel, author, content, reference=reply_to)
 
+    def delete(self, message: dict) -> None:
+        """The author (or a moderator) deletes ``message``: gone from the channel, MESSAGE_DELETE to the bots."""
+        channel = self.channels[int(message["channel_id"])]
+        channel.messages.remove(message)
+        event = {"id": message["id"], "channel_id": message["channel_id"]}
+        if channel.guild_id is not None:
+            event["guild_id"] = str(channel.guild_id)
+        for bot in self.bots:
+            if channel.guild_id is not None or channel.name == f"dm-{bot.id}":
+                self.gateway.dispatch(bot, "MESSAGE_DELETE", event)
+        self._changed.set()
+
     def command(self, bot: User, user: User, channel: Channel, name: str, **options: Any) -> Interaction:
         """``user`` runs ``/name`` (e.g. ``"persona swap"``) of ``bot``'s app, with typed options."""
         words = name.split()

@@ -1,0 +1,53 @@
+"""Message components for the fake Discord: a user presses a button on a bot's message.
+
+Discord sends the bot an INTERACTION_CREATE of type 3 (MESSAGE_COMPONENT) carrying the button's
+``custom_id`` and the message it sits on; the bot must answer the interaction (a deferred update, type 6,
+or a message) and may then edit the message. The interaction is recorded like a slash command's, so
+``Interaction.text()`` shows an ephemeral answer.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .model import ALL_PERMISSIONS, Interaction, User
+
+if TYPE_CHECKING:
+    from .server import FakeDiscord
+
+BUTTON = 2  # component type
+MESSAGE_COMPONENT = 3  # interaction type
+
+
+def components(fake: FakeDiscord, message: dict) -> list[dict]:
+    """The components the bot last sent for ``message`` (from its recorded create/edit requests: the fake's
+    message payloads do not carry them), flattened out of their action rows."""
+    found: list[dict] = []
+    for request in fake.requests:
+        if request.method in ("POST", "PATCH") and isinstance(request.body, dict) and "components" in request.body:
+            if request.path.endswith(f"/messages/{message['id']}"):
+                found = [c for row in request.body["components"] for c in row.get("components", [])]
+    return found
+
+
+def press(fake: FakeDiscord, bot: User, user: User, message: dict, custom_id: str) -> Interaction:
+    """``user`` presses the button ``custom_id`` on ``message``, which ``bot`` sent."""
+    channel = fake.channels[int(message["channel_id"])]
+    interaction = Interaction(fake.snowflake(), f"itoken-{fake.snowflake()}", bot, user, channel)
+    fake.interactions[interaction.id] = interaction
+    payload: dict[str, Any] = {
+        "id": str(interaction.id), "application_id": str(bot.app_id), "type": MESSAGE_COMPONENT,
+        "token": interaction.token, "version": 1, "message": message,
+        "data": {"custom_id": custom_id, "component_type": BUTTON},
+        "channel_id": str(channel.id), "channel": channel.payload(), "locale": "en-US",
+        "app_permissions": str(ALL_PERMISSIONS), "attachment_size_limit": 8 << 20, "entitlements": [],
+        "authorizing_integration_owners": {"0": str(fake.guild_id)}, "context": 0,
+    }
+    if channel.guild_id is not None:
+        member = user.member(fake.guild_id)
+        member["permissions"] = str(user.permissions)
+        payload.update(guild_id=str(fake.guild_id), member=member, guild_locale="en-US",
+                       guild={"id": str(fake.guild_id), "locale": "en-US", "features": []})
+    else:
+        payload.update(user=user.payload(), context=1)
+    fake.gateway.dispatch(bot, "INTERACTION_CREATE", payload)
+    return interaction
