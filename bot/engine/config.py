@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from finetune.model import EMBEDDED_DEFAULT, Quantization
 
-LOCAL_ONLY = ("quantization", "dtype", "max_batch", "prefix_cache_mb", "cuda_graphs", "fused_kernels")
-OPENAI_ONLY = ("openai_base_url", "openai_api_key", "request_retries", "request_backoff_s", "connect_timeout_s",
+LOCAL_ONLY = ("base_model", "quantization", "dtype", "max_batch", "prefix_cache_mb", "cuda_graphs", "fused_kernels")
+OPENAI_ONLY = ("openai_base_url", "openai_api_key", "request_extra", "request_retries", "request_backoff_s", "connect_timeout_s",
                "read_timeout_s")
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -27,9 +27,9 @@ class EngineConfig(BaseModel):
     engine: Literal["local", "openai"] = Field("local", description="which backend generates the replies")
     base_model: str | None = Field(
         None, description=f"local: the base to serve (default '{EMBEDDED_DEFAULT}', the embedded SmolLM2); "
-        "openai: the identity bundles must have been trained on (unchecked when unset)")
+        "openai: the server says which base it serves, and bundles are checked against that")
     max_context: int | None = Field(None, gt=0, description="prompt + reply tokens per request; default: the "
-                                    "model's own limit (local) or no trimming (openai)")
+                                    "model's own limit (local) or the server's max_model_len (openai)")
     # local engine
     quantization: Quantization = Field("auto", description="auto: the 16-bit base when it fits, else NF4")
     dtype: DType = Field("auto", description="compute dtype of the base; auto: bf16 where supported")
@@ -41,6 +41,9 @@ class EngineConfig(BaseModel):
     # openai engine
     openai_base_url: str | None = Field(None, description="the API root with /v1, e.g. http://127.0.0.1:8000/v1")
     openai_api_key: SecretStr | None = None
+    request_extra: dict[str, Any] = Field(
+        {}, description='fields added to every completion request as given, e.g. {"ignore_eos": true} for a '
+        "benchmark (JSON in the environment)")
     request_retries: int = Field(4, ge=0, description="retries of a request that failed before any text")
     request_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
     connect_timeout_s: float = Field(10.0, gt=0)
