@@ -49,3 +49,13 @@ def test_code_builds_it_directly():
     assert EngineConfig(dtype=torch.bfloat16).dtype == "bfloat16"
     with pytest.raises(ValidationError, match="PREFIX_CACHE_MB: only used by ENGINE=local"):
         EngineConfig(engine="openai", openai_base_url="http://h/v1", prefix_cache_mb=0)
+
+
+def test_openai_takes_extra_request_fields_as_json_and_its_base_from_the_server(env):
+    env.setenv("ENGINE", "openai")
+    env.setenv("OPENAI_BASE_URL", "http://h/v1")
+    env.setenv("REQUEST_EXTRA", '{"ignore_eos": true, "min_tokens": 64}')
+    assert load_engine_config().request_extra == {"ignore_eos": True, "min_tokens": 64}
+    env.setenv("BASE_MODEL", "smollm2")
+    with pytest.raises(ConfigError, match="BASE_MODEL: only used by ENGINE=local, but ENGINE=openai"):
+        load_engine_config()

@@ -69,3 +69,31 @@ def test_command_refuses_what_one_server_cannot_serve(bundles, tiny_model_dir, t
         vllm_command([("Brine", bundles["brine"]), ("Coral", other)], str(tiny_model_dir), max_model_len=512)
     with pytest.raises(EngineError, match=f"persona 'Ghost': {tmp_path / 'nowhere'}: adapter bundle folder not"):
         vllm_command([("Ghost", tmp_path / "nowhere")], str(tiny_model_dir), max_model_len=512)
+
+
+def test_personabot_vllm_command_prints_it_for_a_personas_file(bundles, tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAX_CONTEXT", raising=False)
+    (tmp_path / "personas.yaml").write_text(
+        f"personas:\n  - {{name: Captain Brine, adapter: {bundles['brine']}}}\n"
+        f"  - {{name: Old Coral, adapter: {bundles['coral']}}}\n")
+    result = CliRunner().invoke(app, ["vllm-command", "--port", "8123", "--python", ".venv-vllm/bin/python"])
+    assert result.exit_code == 0, result.output
+    command, then = result.output.rstrip("\n").rsplit("\n", 1)
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:4] == ["VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", ".venv-vllm/bin/python", "-m",
+                        "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--model") + 1] == str(tiny_model_dir)
+    max_len = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    assert argv[argv.index("--max-model-len") + 1] == str(max_len)
+    assert argv[argv.index("--lora-modules") + 1:][:2] == [f"captain-brine={bundles['brine']}",
+                                                           f"old-coral={bundles['coral']}"]
+    assert then == "# then: ENGINE=openai OPENAI_BASE_URL=http://127.0.0.1:8123/v1 personabot run"
+    result = CliRunner().invoke(app, ["vllm-command", "--persona", "Captain Brine", "--model", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"error: {tmp_path}: its context length is unknown here; pass --max-model-len" in " ".join(
+        result.output.split())

@@ -112,6 +112,24 @@ def served_personas(personas: list[tuple[str, Path]]) -> list[ServedPersona]:
     return out
 
 
+def base_for(manifest: Manifest, model: str | None = None) -> tuple[str, int | None]:
+    """(what ``--model`` should be, its own context length where its config is at hand): ``model`` if given,
+    else the base the bundle was trained on, its folder or hub id; a GGUF base is converted once to a
+    safetensors folder, since vLLM serves LoRA on a GGUF only for some architectures."""
+    if model is None:
+        from finetune.model import ModelError, materialize, resolve
+
+        try:
+            model = materialize(resolve(manifest.base_model_spec))
+        except (ModelError, OSError) as exc:
+            raise EngineError(f"base model '{manifest.base_model}': {exc} (pass the server's model with --model)"
+                              ) from exc
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return model, None
+    return model, json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+
+
 def vllm_command(
     personas: list[tuple[str, Path]],
     model_path: str,
