@@ -68,7 +68,8 @@ def random_base(shape: str, tokenizer_spec: str, dtype: torch.dtype, root: Path)
 
 
 def random_bundle(base_spec: str, out: Path, seed: int, rank: int) -> Path:
-    """An adapter bundle with random LoRA weights on every attention and MLP projection."""
+    """An adapter bundle with random LoRA weights on every attention and MLP projection, and the base's
+    tokenizer (the openai engine renders and trims prompts with the bundle's)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -88,6 +89,7 @@ def random_bundle(base_spec: str, out: Path, seed: int, rank: int) -> Path:
     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(out)
     save_file(weights, out / "adapter_model.safetensors")
     tokenizer = load_tokenizer(ref)
+    tokenizer.save_pretrained(out)
     manifest = Manifest(
         name=out.name, base_model=ref.name, base_model_spec=base_spec, base_fingerprint=fingerprint(config),
         chat_template=tokenizer.chat_template, system_prompt="You are a salty old sailor.", sampling=Sampling(),
