@@ -207,6 +207,8 @@ class OpenAIEngine(Engine):
                 await asyncio.sleep(min(getattr(exc, "delay", None) or self._backoff_s * 2**attempt, MAX_DELAY_S))
             except (aiohttp.ContentTypeError, json.JSONDecodeError) as exc:
                 raise EngineError(f"{who}: {where}: not a model list: {exc}") from exc
+            except EngineError as exc:  # a client error, e.g. 401 for a wrong OPENAI_API_KEY
+                raise EngineError(f"{who}: {exc}") from exc
         cards = [c for c in data.get("data", []) if isinstance(c, dict) and "id" in c]
         bases = [c for c in cards if not c.get("parent")]
         if not bases:
