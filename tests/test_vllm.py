@@ -126,8 +126,16 @@ def served(tmp_path_factory):
             server.wait()
 
 
-def _engine(url: str) -> OpenAIEngine:
-    return OpenAIEngine(EngineConfig(engine="openai", openai_base_url=url))
+def _with_engine(url: str, test):
+    """Run ``test(engine)`` with a fresh openai engine on the server, closed afterwards."""
+    async def main():
+        engine = OpenAIEngine(EngineConfig(engine="openai", openai_base_url=url))
+        try:
+            return await test(engine)
+        finally:
+            await engine.close()
+
+    return run(main())
 
 
 async def _replies(engine: OpenAIEngine, persona: str) -> list[str]:
@@ -143,18 +151,14 @@ async def _replies(engine: OpenAIEngine, persona: str) -> list[str]:
 def test_the_server_is_checked_at_start_and_streams_in_character_replies(served):
     url, bundles = served
 
-    async def main():
-        engine = _engine(url)
-        try:
-            await engine.load_adapter("Captain Brine", bundles["brine"])
-            await engine.load_adapter("Robot", bundles["robot"])
-            with pytest.raises(EngineError) as unserved:
-                await engine.load_adapter("Ghost", bundles["robot"])
-            return await _replies(engine, "Captain Brine"), await _replies(engine, "Robot"), str(unserved.value)
-        finally:
-            await engine.close()
+    async def test(engine):
+        await engine.load_adapter("Captain Brine", bundles["brine"])
+        await engine.load_adapter("Robot", bundles["robot"])
+        with pytest.raises(EngineError) as unserved:
+            await engine.load_adapter("Ghost", bundles["robot"])
+        return await _replies(engine, "Captain Brine"), await _replies(engine, "Robot"), str(unserved.value)
 
-    brine, robot, unserved = run(main())
+    brine, robot, unserved = _with_engine(url, test)
     assert all(r.startswith("Arr, ") for r in brine), brine
     assert all(r.startswith("BEEP.") for r in robot), robot
     assert unserved.startswith(f"adapter 'Ghost': {url} serves no LoRA module 'ghost' (it serves: ")
@@ -163,22 +167,18 @@ def test_the_server_is_checked_at_start_and_streams_in_character_replies(served)
 def test_a_swap_changes_the_weights_and_a_bundle_the_server_refuses_changes_nothing(served):
     url, bundles = served
 
-    async def main():
-        engine = _engine(url)
-        try:
-            await engine.load_adapter("Captain Brine", bundles["brine"])
-            await engine.load_adapter("Captain Brine", bundles["robot"])  # /persona swap
-            swapped = await _replies(engine, "Captain Brine")
-            with pytest.raises(EngineError) as refused:
-                await engine.load_adapter("Captain Brine", bundles["too-large"])
-            after_refusal = await _replies(engine, "Captain Brine")
-            await engine.load_adapter("Captain Brine", bundles["brine"])
-            back = await _replies(engine, "Captain Brine")
-            return swapped, str(refused.value), after_refusal, back
-        finally:
-            await engine.close()
+    async def test(engine):
+        await engine.load_adapter("Captain Brine", bundles["brine"])
+        await engine.load_adapter("Captain Brine", bundles["robot"])  # /persona swap
+        swapped = await _replies(engine, "Captain Brine")
+        with pytest.raises(EngineError) as refused:
+            await engine.load_adapter("Captain Brine", bundles["too-large"])
+        after_refusal = await _replies(engine, "Captain Brine")
+        await engine.load_adapter("Captain Brine", bundles["brine"])
+        back = await _replies(engine, "Captain Brine")
+        return swapped, str(refused.value), after_refusal, back
 
-    swapped, refused, after_refusal, back = run(main())
+    swapped, refused, after_refusal, back = _with_engine(url, test)
     assert all(r.startswith("BEEP.") for r in swapped), swapped
     assert refused.startswith(f"adapter 'Captain Brine': {url}/load_lora_adapter refused {bundles['too-large']}: ")
     assert "LoRA rank 16 is greater than max_lora_rank 8" in refused and refused.endswith("the old weights keep serving")
@@ -194,12 +194,8 @@ def test_a_long_channel_is_trimmed_to_the_servers_context_length(served):
                     {"role": "assistant", "content": f"Arr, the {WORDS[i % len(WORDS)]} be fine, lad."}]
     history.append({"role": "user", "content": "tell me about the sea"})
 
-    async def main():
-        engine = _engine(url)
-        try:
-            await engine.load_adapter("Captain Brine", bundles["brine"])
-            return await engine.complete("Captain Brine", history)
-        finally:
-            await engine.close()
+    async def test(engine):
+        await engine.load_adapter("Captain Brine", bundles["brine"])
+        return await engine.complete("Captain Brine", history)
 
-    assert run(main()).startswith("Arr, ")
+    assert _with_engine(url, test).startswith("Arr, ")
