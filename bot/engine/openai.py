@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from finetune.bundle import BundleError, Manifest, Sampling, load_manifest
+from finetune.bundle import BundleError, Manifest, Sampling, base_manifest, load_manifest
 from finetune.prompt import with_system_prompt
 
 from .base import Engine, EngineError
@@ -94,6 +94,12 @@ class OpenAIEngine(Engine):
         loaded = await asyncio.to_thread(self._read_bundle, name, Path(bundle_dir).resolve())
         self._adapters[name] = loaded
         return loaded.manifest
+
+    async def serve_base(self, name: str, system_prompt: str = "", sampling: Sampling | None = None) -> Manifest:
+        """``name`` is a model the server serves; the server renders its chat template, so none is kept."""
+        manifest = base_manifest(name, self._base_model or name, {}, "", system_prompt, sampling)
+        self._adapters[name] = _Loaded(manifest, Path(name), None)
+        return manifest
 
     async def unload_adapter(self, name: str) -> None:
         self._entry(name)
