@@ -119,6 +119,37 @@ def data_preview(
         preview(persona, tokenizer, None, max_seq_len, count, console)
 
 
+@data_app.command("synth")
+def data_synth(
+    persona: Annotated[Path, typer.Argument(help="persona folder (its persona.toml gets the new source)")],
+    count: Annotated[int, typer.Option("--count", "-n", help="conversations to attempt, resumed ones included")] = 80,
+    turns: Annotated[int, typer.Option(help="most exchanges per conversation")] = 3,
+    seed: int = 42,
+    tries: Annotated[int, typer.Option(help="samples of a reply before giving up on it")] = 6,
+    out: Annotated[str, typer.Option(help="output JSONL, relative to the persona folder")] = "synth.jsonl",
+    teacher_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible API root with /v1 (key: "
+                                                       "$OPENAI_API_KEY); default: the local base")] = None,
+    teacher_model: Annotated[Optional[str], typer.Option(help="the model the server serves")] = None,
+    base_model: Annotated[str, typer.Option(help="local teacher: the base model to run")] = "smollm2",
+    concurrency: Annotated[int, typer.Option(help="conversations generated at once (the engine batches them)")] = 8,
+    examples: Annotated[int, typer.Option(help="example dialogues the teacher sees per conversation")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 48,
+    temperature: float = 0.7,
+) -> None:
+    """Synthetic dialogue for a persona with only a card or a description: a teacher plays the character, a
+    simulated Discord user talks to it, the persona's style checks and other filters pick the replies."""
+    from .synth import SynthOptions
+    from .synth.cli import run_synth
+
+    options = SynthOptions(count=count, max_turns=turns, seed=seed, tries=tries, out=out, concurrency=concurrency,
+                           examples=examples, sampling=SynthOptions().sampling.model_copy(
+                               update={"max_new_tokens": max_new_tokens, "temperature": temperature}))
+    with _errors():
+        report = run_synth(persona, options, teacher_url, teacher_model, base_model, console)
+    if not report.kept and not report.resumed:
+        raise typer.Exit(1)
+
+
 def _print_report(name: str, report) -> None:
     table = Table(title=f"{name}: {report.examples} held-out conversations")
     for col in ("", "base + system prompt", "adapter"):
@@ -181,12 +212,18 @@ def export(
 @app.command()
 def demo(
     persona: Annotated[str, typer.Option(help="persona folder")] = "persona_data/captain_brine",
-    output_dir: Annotated[str, typer.Option(help="where the bundle goes")] = "adapters/captain_brine",
+    output_dir: Annotated[Optional[str], typer.Option(help="where the bundle goes (default: adapters/NAME)")] = None,
+    card: Annotated[Optional[Path], typer.Option(help="a card-only persona folder or a lone card: synthesize "
+                                                 "dialogue for it first (`data synth`), then train on that")] = None,
+    synth_count: Annotated[int, typer.Option(help="with --card: synthetic conversations to attempt")] = 64,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="override the demo recipe")] = [],
     samples: int = 5,
     chat_after: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="default: chat if a terminal")] = None,
 ) -> None:
-    """The offline demo: fine-tune the embedded SmolLM2-135M on an example persona, compare, then chat."""
+    """The offline demo: fine-tune the embedded SmolLM2-135M on an example persona, compare, then chat.
+
+    With --card the persona is a character card only: the base model plays it to write the training dialogue
+    (into adapters/NAME-persona/, resumed on a rerun), and the comparison uses the folder's heldout.jsonl."""
     import sys
 
     from .chat import chat_loop
@@ -195,11 +232,28 @@ def demo(
     from .inference import load_bundle_model
     from .train import train as run_training
 
+    heldout = None
+    overrides = []
     with _errors():
-        cfg = load_config(RECIPES / "demo.yaml", [f"persona={persona}", f"output_dir={output_dir}", *set_])
+        if card is not None:
+            from .synth import SynthOptions
+            from .synth.cli import run_synth
+            from .synth.persona_file import persona_folder_for
+
+            name = (card.stem if card.is_file() else card.name).removesuffix(".card")
+            output_dir = output_dir or f"adapters/{name}"
+            folder = persona_folder_for(card, Path(f"{output_dir}-persona"))
+            run_synth(folder, SynthOptions(count=synth_count, max_turns=2, concurrency=16), None, None, "smollm2",
+                      console)
+            persona = str(folder)
+            heldout = folder / "heldout.jsonl" if (folder / "heldout.jsonl").is_file() else None
+            overrides = ["train.epochs=2"]  # little data: a second pass is what teaches the style
+        output_dir = output_dir or f"adapters/{Path(persona).name}"
+        cfg = load_config(RECIPES / "demo.yaml", [f"persona={persona}", f"output_dir={output_dir}", *overrides,
+                                                  *set_])
         run_training(cfg)
         model, tokenizer, manifest = load_bundle_model(output_dir, cfg.quantization)
-        report = evaluate_bundle(model, tokenizer, manifest, samples=samples)
+        report = evaluate_bundle(model, tokenizer, manifest, heldout, samples=samples)
     _print_report(manifest.name, report)
     if chat_after or (chat_after is None and sys.stdin.isatty()):
         chat_loop(model, tokenizer, manifest, console)
