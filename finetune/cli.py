@@ -215,7 +215,8 @@ def demo(
     output_dir: Annotated[Optional[str], typer.Option(help="where the bundle goes (default: adapters/NAME)")] = None,
     card: Annotated[Optional[Path], typer.Option(help="a card-only persona folder or a lone card: synthesize "
                                                  "dialogue for it first (`data synth`), then train on that")] = None,
-    synth_count: Annotated[int, typer.Option(help="with --card: synthetic conversations to attempt")] = 64,
+    synth_count: Annotated[int, typer.Option(help="with --card: synthetic conversations to attempt")] = 48,
+    synth_turns: Annotated[int, typer.Option(help="with --card: most exchanges per conversation")] = 1,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="override the demo recipe")] = [],
     samples: int = 5,
     chat_after: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="default: chat if a terminal")] = None,
@@ -243,11 +244,11 @@ def demo(
             name = (card.stem if card.is_file() else card.name).removesuffix(".card")
             output_dir = output_dir or f"adapters/{name}"
             folder = persona_folder_for(card, Path(f"{output_dir}-persona"))
-            run_synth(folder, SynthOptions(count=synth_count, max_turns=2, concurrency=16), None, None, "smollm2",
-                      console)
+            options = SynthOptions(count=synth_count, max_turns=synth_turns, concurrency=16)
+            run_synth(folder, options, None, None, "smollm2", console)
             persona = str(folder)
             heldout = folder / "heldout.jsonl" if (folder / "heldout.jsonl").is_file() else None
-            overrides = ["train.epochs=2"]  # little data: a second pass is what teaches the style
+            overrides = ["train.epochs=3"]  # little data: more passes are what teach the style
         output_dir = output_dir or f"adapters/{Path(persona).name}"
         cfg = load_config(RECIPES / "demo.yaml", [f"persona={persona}", f"output_dir={output_dir}", *overrides,
                                                   *set_])

@@ -229,3 +229,20 @@ def test_bundles_for_another_base_are_refused_and_history_is_trimmed(bundle, tin
     history, sent = run(main())
     assert sent[0] == {"role": "system", "content": "You are Brine."}
     assert 1 < len(sent) - 1 < len(history) and sent[1:] == history[len(history) - len(sent) + 1:]
+
+
+def test_serve_base_sends_the_name_as_model_with_the_messages_own_system_prompt(bundle):
+    """The synth teacher on a server: no bundle, the model by name, the prompt exactly as given."""
+    teacher = Sampling(temperature=0.5, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=20)
+    messages = [{"role": "system", "content": "You play Brine."}, *HELLO]
+
+    async def test(engine, server):
+        server.models.add("big-teacher")
+        manifest = await engine.serve_base("big-teacher", sampling=teacher)
+        return manifest, await engine.complete("big-teacher", messages), server.requests
+
+    manifest, text, requests = _with_server(test, bundle)
+    assert text == "".join(PIECES) and manifest.lora.r == 0 and manifest.system_prompt == ""
+    body = requests[0][0]
+    assert body["model"] == "big-teacher" and body["messages"] == messages
+    assert (body["temperature"], body["max_tokens"]) == (0.5, 20) and "top_k" not in body

@@ -37,6 +37,7 @@ def test_reply_filter_names_each_reason():
     assert f.reason("Oi oi, " + "very " * 200 + "*slurp*") == filters.LONG
     assert f.reason("Oi oi, as an AI language model I cannot cook. *slurp*") == filters.OUT_OF_CHARACTER
     assert f.reason("Oi oi, I'm sorry, but I can't help with that. *slurp*") == filters.OUT_OF_CHARACTER
+    assert f.reason("Oi oi, I am a chatbot, but ask me about soup. *slurp*") == filters.OUT_OF_CHARACTER
     assert f.reason("Oi oi, I'm not a bot, lovey, I'm a goblin. *slurp*") is None, "a deflection stays"
     assert f.reason("Oi oi, here you go.\nUser: thanks!\n*slurp*") == filters.OTHER_TURNS
     assert f.reason("Oi oi, hi.\nNettle: and another thing *slurp*") == filters.OTHER_TURNS
@@ -210,3 +211,68 @@ def test_synth_end_to_end_on_the_tiny_model_through_the_local_engine(tiny_model_
     assert records and all(r["meta"]["teacher"] == f"local:{tiny_model_dir}" for r in records)
     assert "synth.jsonl" in (folder / "persona.toml").read_text()
     assert len(load_persona(folder).conversations) == 2 + len(records)
+
+
+def test_synth_with_an_openai_compatible_teacher(nettle):
+    """The same run against a server: the fake one always says the same line, so after the first
+    conversation every reply is a near-duplicate (Nettle's style checks are off here)."""
+    from bot.engine import EngineConfig
+    from bot.engine.openai import OpenAIEngine
+    from test_engine_openai import FakeServer, _serve
+
+    toml = nettle / "persona.toml"
+    toml.write_text("\n".join(line for line in toml.read_text().splitlines() if not line.startswith("style_checks")))
+
+    async def main():
+        server = FakeServer()
+        server.piece_delay_s = 0
+        server.models.add("big")
+        runner = await _serve(server)
+        engine = OpenAIEngine(EngineConfig(engine="openai", openai_base_url=server.url))
+        try:
+            report = await synthesize(nettle, engine, "big", f"openai:{server.url}:big",
+                                      SynthOptions(count=3, max_turns=1, tries=2, concurrency=1))
+        finally:
+            await engine.close()
+            await runner.cleanup()
+        return report, server.requests
+
+    report, requests = asyncio.run(main())
+    assert report.kept == 1 and report.dropped == 2 and report.rejected == {filters.DUPLICATE: 4}
+    assert {body["model"] for body, _ in requests} == {"big"}
+    assert requests[0][0]["messages"][0]["content"].startswith(load_persona(nettle).system_prompt)
+    assert _records(nettle / "synth.jsonl")[0]["meta"]["teacher"].startswith("openai:http://127.0.0.1")
+
+
+def test_eval_data_may_be_a_lone_dialogue_file(nettle, tmp_path):
+    from finetune.bundle import base_manifest
+    from finetune.evaluate import heldout
+
+    manifest = base_manifest("Nettle", "tiny", {}, "")
+    manifest = manifest.model_copy(update={"training": _summary(nettle)})
+    conversations, checks = heldout(manifest, nettle / "heldout.jsonl")
+    assert len(conversations) == 20 and checks == CHECKS
+    with pytest.raises(DataError, match=r"empty.jsonl: no usable conversations"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        heldout(manifest, tmp_path / "empty.jsonl")
+
+
+def _summary(persona: Path):
+    from finetune.bundle import TrainingSummary
+
+    return TrainingSummary(steps=1, epochs=1, train_loss=1.0, quantization="none", fused_kernels=False,
+                           attention="sdpa", data={}, persona=str(persona), seed=0, eval_fraction=0.1,
+                           max_seq_len=256)
+
+
+def test_demo_persona_folder_for_a_card_folder_or_a_lone_card(nettle, tmp_path):
+    from finetune.synth.persona_file import persona_folder_for
+
+    work = persona_folder_for(nettle, tmp_path / "work")
+    add_source(work / "persona.toml", "synth.jsonl")
+    (work / "synth.jsonl").write_text("")
+    again = persona_folder_for(nettle, tmp_path / "work")
+    assert "synth.jsonl" in (again / "persona.toml").read_text(), "a rerun keeps what synth added"
+    lone = persona_folder_for(nettle / "nettle.card.json", tmp_path / "lone")
+    persona = load_persona(lone)
+    assert persona.name == "Nettle" and len(persona.conversations) == 6

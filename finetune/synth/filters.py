@@ -9,7 +9,7 @@ STYLE, SHORT, LONG, DUPLICATE, OUT_OF_CHARACTER, OTHER_TURNS = (
     "writes other speakers' lines",
 )
 OUT_OF_CHARACTER_TEXT = re.compile(
-    r"as an ai\b|\bi(?:'m| am) (?:just )?an? (?:ai|bot|assistant|language model|computer program)\b"
+    r"as an ai\b|\bi(?:'m| am) (?:just |only )?an? (?:ai|bot|chat ?bot|assistant|language model|computer program)\b"
     r"|\bai (?:language )?model|language model|artificial intelligence|as an? (?:helpful )?assistant|openai"
     r"|chatgpt|\bi(?:'m| am) (?:sorry|unable),? but|\bi can(?:no|')t (?:help|assist) with",
     re.IGNORECASE,
