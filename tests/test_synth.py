@@ -150,7 +150,7 @@ def test_synth_run_filters_writes_provenance_and_updates_persona(nettle):
     for record in records:
         meta = record["meta"]
         assert meta["seed"] == 3 and meta["teacher"] == "fake" and meta["prompts"]["character"]
-        assert len(meta["examples"]) == 2 and len(meta["tries"]) == len(record["messages"]) // 2
+        assert len(meta["examples"]) == 3 and len(meta["tries"]) == len(record["messages"]) // 2
         assert all(m["content"].startswith("Oi oi,") for m in record["messages"] if m["role"] == "assistant")
         later = [m["content"] for m in record["messages"][2::2]]
         assert all(u == "and what else is in the pot?" for u in later), "the user's tag is cut off"
