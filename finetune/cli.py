@@ -248,7 +248,7 @@ def demo(
             run_synth(folder, options, None, None, "smollm2", console)
             persona = str(folder)
             heldout = folder / "heldout.jsonl" if (folder / "heldout.jsonl").is_file() else None
-            overrides = ["train.epochs=3"]  # little data: more passes are what teach the style
+            overrides = ["train.epochs=2"]  # little data: a second pass is what teaches the style
         output_dir = output_dir or f"adapters/{Path(persona).name}"
         cfg = load_config(RECIPES / "demo.yaml", [f"persona={persona}", f"output_dir={output_dir}", *overrides,
                                                   *set_])
