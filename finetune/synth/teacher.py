@@ -23,5 +23,6 @@ def character_messages(
 ) -> list[dict[str, str]]:
     """System prompt, the chosen example dialogues as earlier turns (a small teacher copies a voice it has
     seen far better than one described to it), then the conversation so far."""
-    shown = [m for i in examples for m in sheet.examples[i].messages if m["role"] != "system"]
+    shown = [{"role": m["role"], "content": m["content"]}  # only what a chat API takes
+             for i in examples for m in sheet.examples[i].messages if m["role"] != "system"]
     return [{"role": "system", "content": character_prompt(sheet)}, *shown, *conversation]
