@@ -88,6 +88,23 @@ class Manifest(BaseModel):
         return value or None  # bundles written before the summary was typed stored {} when there was none
 
 
+NO_LORA = LoraInfo(r=0, alpha=0, dropout=0.0, target_modules=[])
+"""The ``lora`` of a manifest that serves the base model itself (``base_manifest``)."""
+
+
+def base_manifest(
+    name: str, base_model: str, fingerprint: dict[str, int | str], chat_template: str, system_prompt: str = "",
+    sampling: Sampling | None = None,
+) -> Manifest:
+    """A manifest for serving the base model with no adapter (a teacher for synthetic dialogue, a baseline):
+    what an engine needs to render prompts for it, with ``NO_LORA`` and no training data."""
+    return Manifest(
+        name=name, base_model=base_model, base_model_spec=base_model, base_fingerprint=fingerprint,
+        chat_template=chat_template, system_prompt=system_prompt, sampling=sampling or Sampling(), lora=NO_LORA,
+        data_hash="",
+    )
+
+
 def versions() -> dict[str, str]:
     out = {}
     for pkg in ("personabot", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):

@@ -122,56 +122,33 @@ def data_preview(
 
 @data_app.command("synth")
 def data_synth(
-    path: Annotated[Path, typer.Argument(help="persona folder (or a lone character card)")],
-    out: Annotated[Optional[Path], typer.Option(help="JSONL to write (default: synth.jsonl beside the persona)")] = None,
-    conversations: Annotated[int, typer.Option("--conversations", "-n", min=1)] = 64,
-    turns: Annotated[int, typer.Option(min=1, help="user/character exchanges per conversation")] = 3,
-    seed: int = 0,
-    teacher_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible API root, e.g. http://host:8000/v1")] = None,
-    teacher_model: Annotated[str, typer.Option(help="model name the server serves (with --teacher-url)")] = "",
-    base_model: Annotated[str, typer.Option(help="local teacher when no --teacher-url: the base model itself")] = "smollm2",
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    retries: Annotated[int, typer.Option(min=0, help="new samples for a rejected reply")] = 2,
-    max_new_tokens: int = 160,
-    temperature: float = 0.8,
-    add_to_persona: Annotated[bool, typer.Option(help="add the output to persona.toml's sources")] = True,
+    persona: Annotated[Path, typer.Argument(help="persona folder (its persona.toml gets the new source)")],
+    count: Annotated[int, typer.Option("--count", "-n", help="conversations to attempt, resumed ones included")] = 80,
+    turns: Annotated[int, typer.Option(help="most exchanges per conversation")] = 3,
+    seed: int = 42,
+    tries: Annotated[int, typer.Option(help="samples of a reply before giving up on it")] = 6,
+    out: Annotated[str, typer.Option(help="output JSONL, relative to the persona folder")] = "synth.jsonl",
+    teacher_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible API root with /v1 (key: "
+                                                       "$OPENAI_API_KEY); default: the local base")] = None,
+    teacher_model: Annotated[Optional[str], typer.Option(help="the model the server serves")] = None,
+    base_model: Annotated[str, typer.Option(help="local teacher: the base model to run")] = "smollm2",
+    concurrency: Annotated[int, typer.Option(help="conversations generated at once (the engine batches them)")] = 8,
+    examples: Annotated[int, typer.Option(help="example dialogues the teacher sees per conversation")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="longest reply, in tokens")] = 48,
+    temperature: float = 0.7,
 ) -> None:
-    """Synthetic training dialogue: a teacher plays the character from its card/prompt, a user simulator
-    talks to it, replies are filtered (style checks, length, near-duplicates, out of character)."""
-    import os
+    """Synthetic dialogue for a persona with only a card or a description: a teacher plays the character, a
+    simulated Discord user talks to it, the persona's style checks and other filters pick the replies."""
+    from .synth import SynthOptions
+    from .synth.cli import run_synth
 
-    from rich.progress import Progress
-
-    from .persona import load_persona
-    from .synth.run import add_source, synthesize
-    from .synth.teacher import Generation, LocalTeacher, OpenAITeacher, TeacherError
-
+    options = SynthOptions(count=count, max_turns=turns, seed=seed, tries=tries, out=out, concurrency=concurrency,
+                           examples=examples, sampling=SynthOptions().sampling.model_copy(
+                               update={"max_new_tokens": max_new_tokens, "temperature": temperature}))
     with _errors():
-        persona = load_persona(path)
-        folder = path if path.is_dir() else path.parent
-        out = out or folder / "synth.jsonl"
-        generation = Generation(max_new_tokens, temperature)
-        if teacher_url:
-            teacher = OpenAITeacher(teacher_url, teacher_model or "default", generation,
-                                    api_key=os.environ.get("OPENAI_API_KEY"))
-        else:
-            teacher = LocalTeacher(base_model, generation)
-        try:
-            with Progress(console=console, transient=True) as bar:
-                task = bar.add_task(f"synth with {teacher.name}", total=conversations)
-                report = synthesize(persona, teacher, out, conversations, turns, seed, batch_size, retries,
-                                    progress=lambda n: bar.advance(task, n))
-        except TeacherError as exc:
-            raise DataError(str(exc)) from exc
-        added = add_to_persona and path.is_dir() and add_source(path, out, teacher.name, seed)
-    console.print(escape(f"{out}: {report.written} conversations written ({report.already} from before), "
-                         f"{report.replies} replies kept, {report.dropped} conversations dropped"), soft_wrap=True)
-    for reason, n in report.rejected.most_common():
-        console.print(escape(f"  rejected ({reason}): {n}"), soft_wrap=True)
-    console.print(escape("  openers: " + ", ".join(f"{k} {v}" for k, v in report.openers.most_common())),
-                  soft_wrap=True)
-    if added:
-        console.print(escape(f"  added to {path / 'persona.toml'} as a jsonl source"), soft_wrap=True)
+        report = run_synth(persona, options, teacher_url, teacher_model, base_model, console)
+    if not report.kept and not report.resumed:
+        raise typer.Exit(1)
 
 
 def _print_report(name: str, report) -> None:
@@ -236,12 +213,19 @@ def export(
 @app.command()
 def demo(
     persona: Annotated[str, typer.Option(help="persona folder")] = "persona_data/captain_brine",
-    output_dir: Annotated[str, typer.Option(help="where the bundle goes")] = "adapters/captain_brine",
+    output_dir: Annotated[Optional[str], typer.Option(help="where the bundle goes (default: adapters/NAME)")] = None,
+    card: Annotated[Optional[Path], typer.Option(help="a card-only persona folder or a lone card: synthesize "
+                                                 "dialogue for it first (`data synth`), then train on that")] = None,
+    synth_count: Annotated[int, typer.Option(help="with --card: synthetic conversations to attempt")] = 48,
+    synth_turns: Annotated[int, typer.Option(help="with --card: most exchanges per conversation")] = 1,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="override the demo recipe")] = [],
     samples: int = 5,
     chat_after: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="default: chat if a terminal")] = None,
 ) -> None:
-    """The offline demo: fine-tune the embedded SmolLM2-135M on an example persona, compare, then chat."""
+    """The offline demo: fine-tune the embedded SmolLM2-135M on an example persona, compare, then chat.
+
+    With --card the persona is a character card only: the base model plays it to write the training dialogue
+    (into adapters/NAME-persona/, resumed on a rerun), and the comparison uses the folder's heldout.jsonl."""
     import sys
 
     from .chat import chat_loop
@@ -250,11 +234,28 @@ def demo(
     from .inference import load_bundle_model
     from .train import train as run_training
 
+    heldout = None
+    overrides = []
     with _errors():
-        cfg = load_config(RECIPES / "demo.yaml", [f"persona={persona}", f"output_dir={output_dir}", *set_])
+        if card is not None:
+            from .synth import SynthOptions
+            from .synth.cli import run_synth
+            from .synth.persona_file import persona_folder_for
+
+            name = (card.stem if card.is_file() else card.name).removesuffix(".card")
+            output_dir = output_dir or f"adapters/{name}"
+            folder = persona_folder_for(card, Path(f"{output_dir}-persona"))
+            options = SynthOptions(count=synth_count, max_turns=synth_turns, concurrency=16)
+            run_synth(folder, options, None, None, "smollm2", console)
+            persona = str(folder)
+            heldout = folder / "heldout.jsonl" if (folder / "heldout.jsonl").is_file() else None
+            overrides = ["train.epochs=2"]  # little data: a second pass is what teaches the style
+        output_dir = output_dir or f"adapters/{Path(persona).name}"
+        cfg = load_config(RECIPES / "demo.yaml", [f"persona={persona}", f"output_dir={output_dir}", *overrides,
+                                                  *set_])
         run_training(cfg)
         model, tokenizer, manifest = load_bundle_model(output_dir, cfg.quantization)
-        report = evaluate_bundle(model, tokenizer, manifest, samples=samples)
+        report = evaluate_bundle(model, tokenizer, manifest, heldout, samples=samples)
     _print_report(manifest.name, report)
     if chat_after or (chat_after is None and sys.stdin.isatty()):
         chat_loop(model, tokenizer, manifest, console)

@@ -13,7 +13,8 @@ from .bundle import Manifest
 from .conversation import Conversation, DataError
 from .dataset import IGNORE, DataStats, make_collator, split_conversations, tokenize
 from .inference import reply
-from .persona import load_persona
+from .persona import PERSONA_FILE, load_persona
+from .readers import infer_format, read_source
 
 
 @dataclass
@@ -43,8 +44,17 @@ class EvalReport:
 
 
 def heldout(manifest: Manifest, data: str | Path | None = None) -> tuple[list[Conversation], list[str]]:
-    """The eval split the bundle was trained without (same seed and fraction), and the persona's style checks."""
+    """The eval split the bundle was trained without (same seed and fraction), and the persona's style checks.
+
+    ``data`` may be another persona, or a lone dialogue file (e.g. a hand-written held-out JSONL for a persona
+    trained on synthetic dialogue); the style checks then come from the persona the bundle was trained on."""
     training = manifest.training
+    if data is not None and _is_dialogue_file(Path(data)):
+        result = read_source(data, character=manifest.name)
+        if not result.conversations:
+            listed = "".join(f"\n  {p}" for p in result.problems[:10]) or " none (the file is empty)"
+            raise DataError(f"{data}: no usable conversations; first problems:{listed}")
+        return result.conversations, load_persona(training.persona).style_checks if training else []
     source = data or (training.persona if training else None)
     if not source:
         raise DataError("the bundle does not record its persona data; pass --data PERSONA_DIR")
@@ -55,6 +65,10 @@ def heldout(manifest: Manifest, data: str | Path | None = None) -> tuple[list[Co
     if not held:
         raise DataError(f"{source}: too few conversations for a held-out split; pass --data with other dialogue")
     return held, persona.style_checks
+
+
+def _is_dialogue_file(path: Path) -> bool:
+    return path.is_file() and path.name != PERSONA_FILE and infer_format(path) != "card"
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bot.engine.base import Engine, EngineError
 from finetune.bundle import (
-    ADAPTER_FILES, MANIFEST, BundleError, LoraInfo, Manifest, Sampling, load_manifest,
+    ADAPTER_FILES, MANIFEST, BundleError, LoraInfo, Manifest, Sampling, base_manifest, load_manifest,
 )
 
 Script = Callable[[Manifest, list[dict[str, str]]], str]
@@ -53,6 +53,11 @@ class FakeEngine(Engine):
         except BundleError as exc:
             raise EngineError(f"adapter '{name}': {exc}") from exc
         self._adapters[name] = (manifest, Path(bundle_dir))
+        return manifest
+
+    async def serve_base(self, name: str, system_prompt: str = "", sampling: Sampling | None = None) -> Manifest:
+        manifest = base_manifest(name, "tiny", {"hidden_size": 64}, "{{ messages }}", system_prompt, sampling)
+        self._adapters[name] = (manifest, Path(name))
         return manifest
 
     async def unload_adapter(self, name: str) -> None:

@@ -503,3 +503,36 @@ def test_gpu_mixed_batch(tiny_model_dir, bundles, quantization, dtype):
     assert all(alone) and all(together)
     if dtype == torch.float32:
         assert together == alone
+
+
+def test_serve_base_answers_as_plain_generate_without_adapter_and_keeps_its_slot(engine, bundles, tiny_model_dir,
+                                                                                tiny_tokenizer, tmp_path):
+    """The base served by name (the synth teacher) is the model with no LoRA; the system prompt comes from the
+    messages; unloading it or replacing it never frees the all-zero slot for an adapter."""
+    from transformers import AutoModelForCausalLM
+
+    system = [{"role": "system", "content": "You are the teacher."}]
+
+    async def main():
+        manifest = await engine.serve_base("teacher", sampling=SAMPLING)
+        mixed = await asyncio.gather(engine.complete("teacher", system + HELLO), engine.complete("one", HELLO))
+        await engine.serve_base("teacher", sampling=SAMPLING)  # replaced: must not retire slot 0
+        await engine.serve_base("other")
+        await engine.unload_adapter("other")
+        await engine.load_adapter("three", make_bundle(tiny_model_dir, tmp_path / "three", seed=5))
+        slot = engine._adapters["three"].slot
+        again = await engine.complete("teacher", system + HELLO)
+        await engine.unload_adapter("three")
+        await engine.unload_adapter("teacher")
+        return manifest, mixed, slot, again
+
+    manifest, (base_text, adapter_text), slot, again = run(main())
+    assert manifest.chat_template == tiny_tokenizer.chat_template and manifest.lora.r == 0
+    assert slot != 0 and again == base_text
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = encode_prompt(tiny_tokenizer, "", system + HELLO)
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         **sampling_kwargs(SAMPLING, tiny_tokenizer, model))
+    reference = [t for t in out[0, len(ids):].tolist() if t != tiny_tokenizer.eos_token_id]
+    assert base_text == tiny_tokenizer.decode(reference, skip_special_tokens=True)
+    assert adapter_text == run(engine.complete("one", HELLO))

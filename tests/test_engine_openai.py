@@ -83,8 +83,9 @@ class FakeVLLM:
                 if i == self.hang_up_after:
                     request.transport.close()
                     return resp
+                choice = {"delta": {"content": piece}} if "messages" in body else {"text": piece}
                 chunk = {"id": "c1", "object": "text_completion", "model": body["model"],
-                         "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+                         "choices": [{"index": 0, **choice, "finish_reason": None}]}
                 await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 await asyncio.sleep(self.piece_delay_s)
             await resp.write(b'data: {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}\n\n')
@@ -99,6 +100,7 @@ async def _serve(server: FakeVLLM) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/v1/models", server.models)
     app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/v1/chat/completions", server.completions)
     app.router.add_post("/v1/load_lora_adapter", server.load)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -387,3 +389,20 @@ def test_a_bundle_without_a_tokenizer_is_refused(bundles, tiny_model_dir, tmp_pa
             await engine.load_adapter(PERSONA, bare)
 
     _with_server(test, bundles, tiny_model_dir, serve={MODULE: bare})
+
+
+def test_serve_base_sends_the_name_as_model_with_the_messages_own_system_prompt(bundles, tiny_model_dir):
+    """The synth teacher on a server: no bundle, the model by name, the prompt exactly as given, to
+    /chat/completions (the server renders its own template: no tokenizer of the teacher is here)."""
+    teacher = Sampling(temperature=0.5, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=20)
+    messages = [{"role": "system", "content": "You play Brine."}, *HELLO]
+
+    async def test(engine, server):
+        manifest = await engine.serve_base("big-teacher", sampling=teacher)
+        return manifest, await engine.complete("big-teacher", messages), server.requests
+
+    manifest, text, requests = _with_server(test, bundles, tiny_model_dir, serve={"big-teacher": bundles["brine"]})
+    assert text == "".join(PIECES) and manifest.lora.r == 0 and manifest.system_prompt == ""
+    body = requests[0][0]
+    assert body["model"] == "big-teacher" and body["messages"] == messages and "prompt" not in body
+    assert (body["temperature"], body["max_tokens"]) == (0.5, 20) and "top_k" not in body

@@ -1,138 +1,277 @@
-"""`finetune data synth`: user simulator, filters, teachers, and the resumable, reproducible run."""
+"""`finetune data synth`: filters, the user simulator, the teacher's prompt, resumable and reproducible runs,
+persona.toml updates, and one end-to-end run on the tiny model through the local engine."""
 from __future__ import annotations
 
+import asyncio
 import json
-import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import random
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from fake_engine import FakeEngine
+from finetune.cli import app
+from finetune.conversation import DataError
 from finetune.persona import load_persona
-from finetune.synth.filters import ReplyFilter
-from finetune.synth.run import add_source, synthesize
-from finetune.synth.teacher import Generation, LocalTeacher, OpenAITeacher
-from finetune.synth.users import KINDS, UserSimulator
+from finetune.synth import SynthOptions, synthesize
+from finetune.synth import filters
+from finetune.synth.filters import ReplyFilter, clean_reply, clean_user_line
+from finetune.synth.persona_file import add_source
+from finetune.synth.sheet import LoreEntry, sheet_from_persona
+from finetune.synth.teacher import character_messages
+from finetune.synth.usersim import TOPICS, USER_PROMPT, plan, user_messages
 
-VELL = Path(__file__).resolve().parents[1] / "persona_data" / "tinker_vell"
-
-
-class ScriptedTeacher:
-    """Replies built from the last user message; the first sample for some prompts is bad, as teachers are."""
-
-    name = "scripted"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int]] = []  # (prompts, seed)
-
-    def complete(self, prompts, seed):
-        self.calls.append((len(prompts), seed))
-        out = []
-        for p in prompts:
-            last = p[-1]["content"] if p[-1]["role"] == "user" else p[-2]["content"]
-            if "ai" in last.lower() and seed % 2 == 0:
-                out.append("As an AI language model, I cannot pretend.")
-            elif last.lower().startswith("why"):
-                out.append("Because.")  # fails the style checks every time
-            else:
-                out.append(f"Tick-tock! About '{last}', sprocket: {seed % 97} gears. ⚙")
-        return out
+NETTLE = Path(__file__).parent.parent / "persona_data" / "nettle"
+CHECKS = [r"\AOi oi,", r"\*slurp\*\s*\Z"]
+VOCABULARY = ("broth noodle rain canal lantern pepper onion ladle stool bowl egg ginger barge ferry rat hat apron "
+              "thumb steam pot spoon market coin night tide bean garlic chili moon roof tin rope crowd song").split()
 
 
-def persona_copy(tmp_path: Path) -> Path:
-    folder = tmp_path / "vell"
-    shutil.copytree(VELL, folder)
+def test_reply_filter_names_each_reason():
+    f = ReplyFilter("Nettle", CHECKS)
+    ok = "Oi oi, the broth is ready, lovey, grab a stool. *slurp*"
+    assert f.reason(ok) is None
+    assert f.reason("The broth is ready, lovey, grab a stool. *slurp*") == filters.STYLE
+    assert f.reason("Oi oi, *slurp*") == filters.SHORT
+    assert f.reason("Oi oi, " + "very " * 200 + "*slurp*") == filters.LONG
+    assert f.reason("Oi oi, as an AI language model I cannot cook. *slurp*") == filters.OUT_OF_CHARACTER
+    assert f.reason("Oi oi, I'm sorry, but I can't help with that. *slurp*") == filters.OUT_OF_CHARACTER
+    assert f.reason("Oi oi, I am a chatbot, but ask me about soup. *slurp*") == filters.OUT_OF_CHARACTER
+    assert f.reason("Oi oi, I'm not a bot, lovey, I'm a goblin. *slurp*") is None, "a deflection stays"
+    assert f.reason("Oi oi, here you go.\nUser: thanks!\n*slurp*") == filters.OTHER_TURNS
+    assert f.reason("Oi oi, hi.\nNettle: and another thing *slurp*") == filters.OTHER_TURNS
+    f.keep(ok)
+    assert f.reason("Oi oi, the broth is ready, lovey, grab a stool! *slurp*") == filters.DUPLICATE
+    assert f.reason("Oi oi, Dumpling ate the last onion again, the little thief. *slurp*") is None
+    seeded = ReplyFilter("Nettle", CHECKS, seen=[ok])
+    assert seeded.reason(ok) == filters.DUPLICATE, "copies of the teacher's examples are duplicates too"
+
+
+def test_clean_reply_and_user_line():
+    assert clean_reply("  Nettle: Oi oi, hi. *slurp* \n", "Nettle") == "Oi oi, hi. *slurp*"
+    assert clean_user_line("User: what's in the pot?\nNettle: noodles", "Nettle") == "what's in the pot?"
+    assert clean_user_line("Nettle: Oi oi, noodles", "Nettle") is None
+    assert clean_user_line("   \n", "Nettle") is None
+    assert clean_user_line("as an AI I would say hi", "Nettle") is None
+    assert clean_user_line("x" * 300, "Nettle") is None
+
+
+@pytest.fixture
+def nettle(tmp_path) -> Path:
+    import shutil
+
+    folder = tmp_path / "nettle"
+    shutil.copytree(NETTLE, folder)
     return folder
 
 
-def test_user_simulator_covers_every_kind_reproducibly() -> None:
-    lore = load_persona(VELL).card.lorebook
-    users = UserSimulator("Vell", seed=1, lorebook=lore)
-    openers = [users.opener(n) for n in range(len(KINDS))]
-    assert [o.kind for o in openers] == list(KINDS)
-    assert any(t in openers[0].text.lower() for t in ("moonclock", "moon clock", "guild", "pim", "spindle", "broken"))
-    again = UserSimulator("Vell", seed=1, lorebook=lore)
-    assert [again.opener(n) for n in range(5)] == openers
-    assert [users.follow_up(3, t) for t in (1, 2)] == [again.follow_up(3, t) for t in (1, 2)]
-    assert len({UserSimulator("Vell", seed=s).opener(1).text for s in range(20)}) > 3  # the seed matters
+def test_sheet_uses_the_card_and_leaves_a_lorebook_hook(nettle):
+    out = nettle / "synth.jsonl"
+    out.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "Oi oi, hi. *slurp*"}]}) + "\n")
+    add_source(nettle / "persona.toml", "synth.jsonl")
+    persona = load_persona(nettle)
+    sheet = sheet_from_persona(persona, out)
+    assert len(sheet.examples) == 4, "the card's four mes_example dialogues; greetings and the output are not"
+    assert {"Glowmarket", "Dumpling", "Brassbeak"} <= set(sheet.world)
+    assert "Nettle" not in sheet.world and sheet.style_checks == CHECKS
+    lore = [LoreEntry(("Flood Night",), "On Flood Night the canal rises.")]
+    with_lore = sheet_from_persona(persona, out, lore)
+    assert with_lore.world[0] == "Flood Night"
+    messages = character_messages(with_lore, (0, 2), [{"role": "user", "content": "hey"}])
+    assert messages[0]["role"] == "system" and "On Flood Night the canal rises." in messages[0]["content"]
+    assert persona.system_prompt in messages[0]["content"]
+    assert messages[1:-1] == sheet.examples[0].messages + sheet.examples[2].messages
+    assert messages[-1] == {"role": "user", "content": "hey"}
 
 
-def test_filters_name_why_a_reply_is_rejected() -> None:
-    f = ReplyFilter([r"\ATick-tock!", r"⚙\s*\Z"], ["User"])
-    assert f.reject("Tick-tock! Fine, sprocket. ⚙") is None
-    assert f.reject("Sure thing.") == "style checks"
-    assert f.reject("Tick-tock! As an AI I must say no. ⚙") == "out of character"
-    assert f.reject("Tick-tock! Yes. ⚙\nUser: and then?") == "wrote the user's lines"
-    assert f.reject("") == "length"
-    f.keep("Tick-tock! The moon clock stopped in the winter storm, sprocket. ⚙")
-    assert f.reject("Tick-tock! The moon clock stopped in the winter storm, sprocket! ⚙") == "near-duplicate"
+def test_plans_are_seeded_varied_and_cover_every_topic(nettle):
+    sheet = sheet_from_persona(load_persona(nettle), nettle / "synth.jsonl")
+    plans = [plan(sheet, 7, i, 3) for i in range(300)]
+    assert plans == [plan(sheet, 7, i, 3) for i in range(300)]
+    assert plans != [plan(sheet, 8, i, 3) for i in range(300)]
+    assert {p.topic for p in plans} == set(TOPICS)
+    assert len({p.opener for p in plans}) > 100
+    assert all(2 <= p.turns <= 3 and len(p.fallbacks) == p.turns - 1 and len(p.examples) == 2 for p in plans)
+    world = [p.opener for p in plans if p.topic == "world"]
+    assert any(thing.casefold() in o.casefold() for o in world for thing in sheet.world)
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Oi oi"}]
+    assert user_messages(sheet, convo) == [
+        {"role": "system", "content": USER_PROMPT.format(char="Nettle")},
+        {"role": "assistant", "content": "hi"}, {"role": "user", "content": "Oi oi"}]
 
 
-def test_synth_writes_filtered_dialogue_with_provenance(tmp_path: Path) -> None:
-    folder = persona_copy(tmp_path)
-    persona = load_persona(folder)
-    out = folder / "synth.jsonl"
-    report = synthesize(persona, ScriptedTeacher(), out, conversations=10, turns=3, seed=4, batch_size=4)
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert report.written == len(records) == 10 - report.dropped and report.already == 0
-    assert report.rejected["style checks"] > 0  # "why?" never gets a styled answer
-    assert report.rejected["out of character"] > 0
-    assert sum(report.openers.values()) == len(records)
+def test_add_source_once_and_keeps_the_file(nettle):
+    toml = nettle / "persona.toml"
+    before = toml.read_text()
+    assert add_source(toml, "synth.jsonl") is True
+    assert add_source(toml, "./synth.jsonl") is False
+    after = toml.read_text()
+    assert after.startswith(before) and after.count("[[sources]]") == 2
+    (nettle / "synth.jsonl").write_text("")
+    assert [s.name for s in load_persona(nettle).files] == ["persona.toml", "nettle.card.json", "synth.jsonl"]
+
+
+def scripted_teacher(fail_every: int = 3):
+    """A teacher that passes Nettle's checks except every ``fail_every``-th reply, and answers as the user
+    when prompted as one; replies draw their words at random, so none is a near-duplicate."""
+    counter = {"n": 0}
+
+    def script(manifest, messages):
+        if messages[0]["content"].startswith(USER_PROMPT[:20]):
+            return "User: and what else is in the pot?"
+        counter["n"] += 1
+        n = counter["n"]
+        if n % fail_every == 0:
+            return f"I am an AI language model, reply {n}."
+        words = random.Random(n).sample(VOCABULARY, 8)
+        return f"Nettle: Oi oi, {' '.join(words)}. *slurp*"
+
+    return FakeEngine(script, piece=50, delay=0)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _run(folder: Path, engine, **options):
+    return asyncio.run(synthesize(folder, engine, "teacher", "fake", SynthOptions(**options)))
+
+
+def test_synth_run_filters_writes_provenance_and_updates_persona(nettle):
+    engine = scripted_teacher()
+    report = _run(nettle, engine, count=6, max_turns=2, seed=3, tries=2)
+    out = nettle / "synth.jsonl"
+    records = _records(out)
+    assert report.kept == len(records) == 6 and report.dropped == 0
+    assert report.rejected == {filters.OUT_OF_CHARACTER: sum(1 for r in _records(out.with_suffix(".rejected.jsonl")))}
+    assert report.rejected[filters.OUT_OF_CHARACTER] > 0 and report.source_added
     for record in records:
-        assert record["synth"]["teacher"] == "scripted" and record["synth"]["seed"] == 4
-        replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
-        assert replies and all(r.startswith("Tick-tock!") and r.endswith("⚙") for r in replies)
-        assert record["messages"][-1]["role"] == "assistant"  # a rejected last reply takes its question along
-    assert add_source(folder, out, "scripted", 4) and not add_source(folder, out, "scripted", 4)
-    again = load_persona(folder)
-    assert len(again.conversations) == len(persona.conversations) + len(records)
+        meta = record["meta"]
+        assert meta["seed"] == 3 and meta["teacher"] == "fake" and meta["prompts"]["character"]
+        assert len(meta["examples"]) == 3 and len(meta["tries"]) == len(record["messages"]) // 2
+        assert all(m["content"].startswith("Oi oi,") for m in record["messages"] if m["role"] == "assistant")
+        later = [m["content"] for m in record["messages"][2::2]]
+        assert all(u == "and what else is in the pot?" for u in later), "the user's tag is cut off"
+    assert sorted(r["meta"]["index"] for r in records) == list(range(6))
+    persona = load_persona(nettle)
+    assert sum(c.origin.startswith(str(out)) for c in persona.conversations) == 6
+    assert engine.served[0].messages[0]["role"] == "system"
 
 
-def test_synth_is_reproducible_and_resumes(tmp_path: Path) -> None:
-    persona = load_persona(VELL)
-    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    synthesize(persona, ScriptedTeacher(), full, conversations=8, turns=2, seed=9, batch_size=4)
-    synthesize(persona, ScriptedTeacher(), part, conversations=4, turns=2, seed=9, batch_size=4)
-    part.write_text(part.read_text() + '{"messages": [{"role": "us', encoding="utf-8")  # killed mid-write
-    teacher = ScriptedTeacher()
-    report = synthesize(persona, teacher, part, conversations=8, turns=2, seed=9, batch_size=4)
-    assert report.already == 4 and report.written == 4
-    assert part.read_text() == full.read_text()
-    assert all(n <= 4 for n, _ in teacher.calls)  # batched: up to batch_size prompts per teacher call
+def test_synth_resumes_after_the_last_complete_conversation(nettle):
+    _run(nettle, scripted_teacher(), count=3, max_turns=1, seed=5)
+    out = nettle / "synth.jsonl"
+    with open(out, "a") as fh:
+        fh.write('{"messages": [{"role": "user"')  # killed mid-write
+    engine = scripted_teacher()
+    report = _run(nettle, engine, count=5, max_turns=1, seed=5)
+    assert report.resumed == 3 and report.kept == 2 and not report.source_added, "listed by the first run"
+    assert sorted(r["meta"]["index"] for r in _records(out)) == list(range(5))
+    assert (nettle / "persona.toml").read_text().count("synth.jsonl") == 1
+    assert _run(nettle, scripted_teacher(), count=5, max_turns=1, seed=5).kept == 0
+    with pytest.raises(DataError, match=r"synth.jsonl: made with --seed 5, this run has --seed 6"):
+        _run(nettle, scripted_teacher(), count=5, seed=6)
 
 
-def test_openai_teacher_speaks_the_chat_completions_api() -> None:
-    seen: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, **body})
-            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": " Tick-tock! ⚙ "}}]})
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(reply.encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        teacher = OpenAITeacher(f"http://127.0.0.1:{server.server_port}/v1/", "big-model", Generation(50, 0.5))
-        prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]
-        assert teacher.complete(prompts, seed=7) == ["Tick-tock! ⚙", "Tick-tock! ⚙"]
-    finally:
-        server.shutdown()
-    assert {s["path"] for s in seen} == {"/v1/chat/completions"}
-    assert sorted(s["seed"] for s in seen) == [7, 8] and {s["model"] for s in seen} == {"big-model"}
-    assert {s["max_tokens"] for s in seen} == {50} and teacher.name.startswith("openai:big-model@")
+def test_dropped_conversations_are_logged_and_not_retried(nettle):
+    engine = scripted_teacher(fail_every=1)
+    report = _run(nettle, engine, count=2, max_turns=1, tries=3)
+    assert report.kept == 0 and report.dropped == 2 and report.rejected[filters.OUT_OF_CHARACTER] == 6
+    assert not report.source_added and "synth.jsonl" not in (nettle / "persona.toml").read_text()
+    assert _run(nettle, engine, count=2, max_turns=1).resumed == 2
 
 
-def test_local_teacher_generates_a_batch(tiny_model_dir) -> None:
-    teacher = LocalTeacher(str(tiny_model_dir), Generation(max_new_tokens=5, temperature=0.0), quantization="none")
-    prompts = [[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
-               [{"role": "user", "content": "a much longer message than the other one"}]]
-    first = teacher.complete(prompts, seed=1)
-    assert len(first) == 2 and all(isinstance(t, str) for t in first)
-    assert teacher.complete(prompts, seed=1) == first  # greedy: the same
+def test_same_seed_same_conversations(tmp_path, nettle):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(nettle, other)
+    _run(nettle, scripted_teacher(fail_every=1000), count=5, seed=9, concurrency=1)
+    _run(other, scripted_teacher(fail_every=1000), count=5, seed=9, concurrency=1)
+    first, second = _records(nettle / "synth.jsonl"), _records(other / "synth.jsonl")
+    strip = lambda rs: [(r["messages"], {k: v for k, v in r["meta"].items() if k != "examples"}) for r in rs]
+    assert strip(first) == strip(second)
+
+
+def test_synth_end_to_end_on_the_tiny_model_through_the_local_engine(tiny_model_dir, tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "examples.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"tell me about the {w}"},
+        {"role": "assistant", "content": f"Arr, the {w} be fine, lad."}]}) + "\n" for w in ("tide", "storm")))
+    (folder / "persona.toml").write_text('name = "Brine"\nsystem_prompt = "You are Brine."\n'
+                                         '[[sources]]\npath = "examples.jsonl"\n')
+    result = CliRunner().invoke(app, ["data", "synth", str(folder), "--base-model", str(tiny_model_dir), "-n", "3",
+                                      "--turns", "2", "--tries", "2", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert "conversations kept" in result.output
+    records = _records(folder / "synth.jsonl")
+    assert records and all(r["meta"]["teacher"] == f"local:{tiny_model_dir}" for r in records)
+    assert "synth.jsonl" in (folder / "persona.toml").read_text()
+    assert len(load_persona(folder).conversations) == 2 + len(records)
+
+
+def test_synth_with_an_openai_compatible_teacher(nettle):
+    """The same run against a server: the fake one always says the same line, so after the first
+    conversation every reply is a near-duplicate (Nettle's style checks are off here)."""
+    from bot.engine import EngineConfig
+    from bot.engine.openai import OpenAIEngine
+    from test_engine_openai import FakeVLLM, _serve
+
+    toml = nettle / "persona.toml"
+    toml.write_text("\n".join(line for line in toml.read_text().splitlines() if not line.startswith("style_checks")))
+
+    async def main():
+        server = FakeVLLM("base", "base", {"big": Path("big")})
+        server.piece_delay_s = 0
+        runner = await _serve(server)
+        engine = OpenAIEngine(EngineConfig(engine="openai", openai_base_url=server.url))
+        try:
+            report = await synthesize(nettle, engine, "big", f"openai:{server.url}:big",
+                                      SynthOptions(count=3, max_turns=1, tries=2, concurrency=1))
+        finally:
+            await engine.close()
+            await runner.cleanup()
+        return report, server.requests
+
+    report, requests = asyncio.run(main())
+    assert report.kept == 1 and report.dropped == 2 and report.rejected == {filters.DUPLICATE: 4}
+    assert {body["model"] for body, _ in requests} == {"big"}
+    assert requests[0][0]["messages"][0]["content"].startswith(load_persona(nettle).system_prompt)
+    assert _records(nettle / "synth.jsonl")[0]["meta"]["teacher"].startswith("openai:http://127.0.0.1")
+
+
+def test_eval_data_may_be_a_lone_dialogue_file(nettle, tmp_path):
+    from finetune.bundle import base_manifest
+    from finetune.evaluate import heldout
+
+    manifest = base_manifest("Nettle", "tiny", {}, "")
+    manifest = manifest.model_copy(update={"training": _summary(nettle)})
+    conversations, checks = heldout(manifest, nettle / "heldout.jsonl")
+    assert len(conversations) == 20 and checks == CHECKS
+    with pytest.raises(DataError, match=r"empty.jsonl: no usable conversations"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        heldout(manifest, tmp_path / "empty.jsonl")
+
+
+def _summary(persona: Path):
+    from finetune.bundle import TrainingSummary
+
+    return TrainingSummary(steps=1, epochs=1, train_loss=1.0, quantization="none", fused_kernels=False,
+                           attention="sdpa", data={}, persona=str(persona), seed=0, eval_fraction=0.1,
+                           max_seq_len=256)
+
+
+def test_demo_persona_folder_for_a_card_folder_or_a_lone_card(nettle, tmp_path):
+    from finetune.synth.persona_file import persona_folder_for
+
+    work = persona_folder_for(nettle, tmp_path / "work")
+    add_source(work / "persona.toml", "synth.jsonl")
+    (work / "synth.jsonl").write_text("")
+    again = persona_folder_for(nettle, tmp_path / "work")
+    assert "synth.jsonl" in (again / "persona.toml").read_text(), "a rerun keeps what synth added"
+    lone = persona_folder_for(nettle / "nettle.card.json", tmp_path / "lone")
+    persona = load_persona(lone)
+    assert persona.name == "Nettle" and len(persona.conversations) == 6

@@ -38,6 +38,13 @@ class Engine(ABC):
         """Load (or replace) adapter ``name`` from a bundle. On any error the old adapter keeps serving."""
 
     @abstractmethod
+    async def serve_base(self, name: str, system_prompt: str = "", sampling: Sampling | None = None) -> Manifest:
+        """Serve the base model itself, no adapter, as ``name`` (e.g. the teacher of ``finetune data synth``).
+
+        An empty ``system_prompt`` leaves the prompt to the messages' own leading system turn. On the openai
+        backend ``name`` is the model the server serves."""
+
+    @abstractmethod
     async def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name``; requests already streaming on it finish first or fail cleanly."""
 

@@ -33,8 +33,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from finetune.bundle import BundleError, Manifest, Sampling, check_compatible, load_manifest
-from finetune.prompt import stop_token_ids
+from finetune.bundle import BundleError, Manifest, Sampling, base_manifest, check_compatible, load_manifest
+from finetune.prompt import stop_token_ids, with_system_prompt
 
 from .base import Engine, EngineError
 from .config import EngineConfig
@@ -132,6 +132,13 @@ class OpenAIEngine(Engine):
         self._served = served
         self._adapters[name] = loaded
         return loaded.manifest
+
+    async def serve_base(self, name: str, system_prompt: str = "", sampling: Sampling | None = None) -> Manifest:
+        """``name`` is a model the server serves (a synth teacher, maybe larger than any base here): no tokenizer
+        of it is kept, so its requests go to ``/chat/completions`` and the server renders its own template."""
+        manifest = base_manifest(name, name, {}, "", system_prompt, sampling)
+        self._adapters[name] = _Loaded(manifest, Path(name), None, name, [])
+        return manifest
 
     async def unload_adapter(self, name: str) -> None:
         """Forget the persona here; the server keeps the module its command line gave it."""
@@ -235,15 +242,24 @@ class OpenAIEngine(Engine):
         _, ids = await asyncio.to_thread(fit_messages, entry.tokenizer, entry.manifest, messages, budget, adapter)
         return ids
 
-    def _body(self, entry: _Loaded, prompt: list[int], sampling: Sampling) -> dict[str, Any]:
+    async def _request(self, adapter: str, entry: _Loaded, messages: list[dict[str, str]],
+                       sampling: Sampling) -> tuple[str, dict[str, Any]]:
+        """(endpoint, body): a bundle's prompt rendered here as token ids for ``/completions``; a base served by
+        name (``serve_base``) as chat messages for ``/chat/completions``."""
+        if entry.tokenizer is None:
+            messages = with_system_prompt(entry.manifest.system_prompt, messages)
+            return "chat/completions", self._body(entry, sampling, messages=messages)
+        prompt = await self._prompt(adapter, entry, messages, sampling)
+        return "completions", self._body(entry, sampling, prompt=prompt, stop_token_ids=entry.stop_ids)
+
+    def _body(self, entry: _Loaded, sampling: Sampling, **request: Any) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": entry.module,
-            "prompt": prompt,
+            **request,
             "stream": True,
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
-            "stop_token_ids": entry.stop_ids,
         }
         if sampling.stop:
             body["stop"] = sampling.stop
@@ -263,14 +279,14 @@ class OpenAIEngine(Engine):
     ) -> AsyncIterator[str]:
         entry = self._entry(adapter)
         params = sampling or entry.manifest.sampling
-        body = self._body(entry, await self._prompt(adapter, entry, messages, params), params)
-        where = f"{self.shown_url}/completions (model '{entry.module}')"
+        endpoint, body = await self._request(adapter, entry, messages, params)
+        where = f"{self.shown_url}/{endpoint} (model '{entry.module}')"
         self.active_requests += 1
         try:
             for attempt in range(self._retries + 1):
                 streamed = False
                 try:
-                    async with self._http().post(f"{self.url}/completions", json=body, headers=self._headers) as resp:
+                    async with self._http().post(f"{self.url}/{endpoint}", json=body, headers=self._headers) as resp:
                         await _check_status(resp, where)
                         async for piece in _pieces(resp, where):
                             streamed = True
@@ -317,7 +333,8 @@ def _error_detail(text: str) -> str:
 
 
 async def _pieces(resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[str]:
-    """Text deltas from a server-sent-events stream of completion chunks, up to ``data: [DONE]``."""
+    """Text deltas from a server-sent-events stream of completion (or chat completion) chunks, up to
+    ``data: [DONE]``."""
     async for raw in resp.content:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data:"):
@@ -332,7 +349,7 @@ async def _pieces(resp: aiohttp.ClientResponse, where: str) -> AsyncIterator[str
         if "error" in event:
             raise EngineError(f"{where}: server error mid-stream: {_error_detail(json.dumps(event))}")
         for choice in event.get("choices") or []:
-            piece = choice.get("text")
+            piece = choice.get("text") or (choice.get("delta") or {}).get("content")
             if piece:
                 yield piece
     raise aiohttp.ClientPayloadError("stream ended without data: [DONE]")

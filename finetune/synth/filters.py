@@ -1,57 +1,84 @@
-"""Which synthetic replies are kept: rejection sampling against the persona's own checks and the usual
-ways a teacher falls out of character. Each filter names its reason, for the report."""
+"""Which teacher replies become training data: each check names the reason a reply was rejected."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
-_OUT_OF_CHARACTER = re.compile(
-    r"\bas an ai\b|\bi am an ai\b|\bi'm an ai\b|\blanguage model\b|\bi cannot (?:role-?play|pretend)\b|"
-    r"\bi can(?:no|')t (?:help|assist) with (?:that|this)\b|\bopenai\b|\bassistant:|\(ooc\b|\bout of character\b",
+STYLE, SHORT, LONG, DUPLICATE, OUT_OF_CHARACTER, OTHER_TURNS = (
+    "fails a style check", "too short", "too long", "near-duplicate", "out of character",
+    "writes other speakers' lines",
+)
+OUT_OF_CHARACTER_TEXT = re.compile(
+    r"as an ai\b|\bi(?:'m| am) (?:just |only )?an? (?:ai|bot|chat ?bot|assistant|language model|computer program)\b"
+    r"|\bai (?:language )?model|language model|artificial intelligence|as an? (?:helpful )?assistant|openai"
+    r"|chatgpt|\bi(?:'m| am) (?:sorry|unable),? but|\bi can(?:no|')t (?:help|assist) with",
     re.IGNORECASE,
 )
-_WORD = re.compile(r"\w+")
+"""Assistant talk: admitting to be an AI, refusing, naming model makers. "I'm not a bot" passes."""
 
 
-@dataclass
+def clean_reply(text: str, name: str) -> str:
+    """The reply without surrounding space or a leading "Name:" tag (teachers often label their own line)."""
+    text = text.strip()
+    return re.sub(rf"\A{re.escape(name)}\s*:\s*", "", text, flags=re.IGNORECASE).strip()
+
+
 class ReplyFilter:
-    """The checks one persona's synthetic replies must pass; ``kept`` remembers replies for near-duplicates."""
+    """Rejection reasons for a character's reply, remembering kept replies to catch near-duplicates.
 
-    style_checks: list[str]
-    user_names: list[str]  # lines starting "Name:" mean the teacher wrote the user's turn too
-    min_chars: int = 2
-    max_chars: int = 1200
-    duplicate_overlap: float = 0.8  # word-set Jaccard above this against a kept reply: a near-duplicate
-    kept: list[frozenset[str]] = field(default_factory=list)
+    ``similarity``: difflib ratio above which a reply counts as a copy of a kept one (or of an example
+    reply: a small teacher likes to repeat the examples it was shown)."""
 
-    def __post_init__(self) -> None:
-        self._checks = [re.compile(c) for c in self.style_checks]
-        names = "|".join(re.escape(n) for n in self.user_names if n)
-        self._user_line = re.compile(rf"^\s*(?:{names})\s*:", re.IGNORECASE | re.MULTILINE) if names else None
+    def __init__(self, name: str, style_checks: list[str], min_words: int = 4, max_chars: int = 600,
+                 similarity: float = 0.8, seen: list[str] = ()) -> None:
+        self.checks = [re.compile(c) for c in style_checks]
+        self.min_words = min_words
+        self.max_chars = max_chars
+        self.similarity = similarity
+        speakers = ["user", "you", "human", "anon", "assistant", r"\{\{\s*(user|char)\s*\}\}", "<user>", "<bot>",
+                    re.escape(name)]
+        self._other_turns = re.compile(rf"^\s*({'|'.join(speakers)})\s*:", re.IGNORECASE | re.MULTILINE)
+        self._kept = [r.casefold() for r in seen]
 
-    def reject(self, reply: str) -> str | None:
-        """None to keep ``reply``, else why it is rejected (one of a few fixed reasons)."""
-        if not (self.min_chars <= len(reply.strip()) <= self.max_chars):
-            return "length"
-        if _OUT_OF_CHARACTER.search(reply):
-            return "out of character"
-        if self._user_line is not None and self._user_line.search(reply):
-            return "wrote the user's lines"
-        if not all(check.search(reply) for check in self._checks):
-            return "style checks"
-        words = frozenset(_WORD.findall(reply.casefold()))
-        if any(_jaccard(words, other) > self.duplicate_overlap for other in self.kept):
-            return "near-duplicate"
+    def reason(self, reply: str) -> str | None:
+        """Why ``reply`` (already ``clean_reply``'d) is rejected, or None to keep it."""
+        if len(reply.split()) < self.min_words:
+            return SHORT
+        if len(reply) > self.max_chars:
+            return LONG
+        if self._other_turns.search(reply):
+            return OTHER_TURNS
+        if OUT_OF_CHARACTER_TEXT.search(reply):
+            return OUT_OF_CHARACTER
+        if not all(c.search(reply) for c in self.checks):
+            return STYLE
+        if self._duplicate(reply.casefold()):
+            return DUPLICATE
         return None
 
     def keep(self, reply: str) -> None:
-        self.kept.append(frozenset(_WORD.findall(reply.casefold())))
+        self._kept.append(reply.casefold())
 
-    def remember(self, replies: Iterable[str]) -> None:
-        for reply in replies:
-            self.keep(reply)
+    def _duplicate(self, text: str) -> bool:
+        matcher = SequenceMatcher(None, autojunk=False)
+        matcher.set_seq2(text)
+        for kept in self._kept:
+            matcher.set_seq1(kept)
+            if (matcher.real_quick_ratio() > self.similarity and matcher.quick_ratio() > self.similarity
+                    and matcher.ratio() > self.similarity):
+                return True
+        return False
 
 
-def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
+def clean_user_line(text: str, name: str) -> str | None:
+    """A generated user message made usable (first line, no "User:" tag), or None when it cannot be: empty,
+    long, out of character, or the character's own line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    line = re.sub(r"\A(user|you|me)\s*:\s*", "", lines[0], flags=re.IGNORECASE).strip()
+    if not line or len(line) > 200 or re.match(rf"{re.escape(name)}\s*:", line, re.IGNORECASE):
+        return None
+    if OUT_OF_CHARACTER_TEXT.search(line):
+        return None
+    return line

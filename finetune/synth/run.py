@@ -1,170 +1,247 @@
-"""Drive a synth run: batches of conversations, turn by turn, each reply filtered (and sampled again when
-rejected), written as JSONL records with provenance. Resumable: conversations already in the output are
-kept and skipped; reproducible: the same persona, teacher and seed give the same file."""
+"""Drive the teacher and the user simulator over many conversations at once, filter, write, resume.
+
+Every conversation is its own task, so the engine sees up to ``concurrency`` requests together and batches
+them. Each finished conversation is one appended line: kept ones to the output JSONL (OpenAI ``messages``
+plus a ``meta`` record of provenance), rejected replies and dropped conversations to ``<out>.rejected.jsonl``.
+A rerun skips every index found in either file, so an interrupted run continues where it stopped.
+
+Reproducible with the same seed: which conversations exist, their topics, openers, lengths, example choice
+and templated follow-ups. The teacher's sampled text is not: the local engine samples from one shared
+generator in whatever batches requests happen to form.
+"""
 from __future__ import annotations
 
+import asyncio
 import json
-import re
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from finetune.cards.context import apply_card_context
+from finetune.bundle import Sampling
 from finetune.conversation import DataError
-from finetune.persona import PERSONA_FILE, PersonaData
-from finetune.synth.filters import ReplyFilter
-from finetune.synth.teacher import Message, Teacher
-from finetune.synth.users import UserSimulator
+from finetune.persona import PERSONA_FILE, load_persona
 
-EXAMPLES_SHOWN = 4  # the persona's own conversations shown to the teacher as examples
+from .filters import ReplyFilter, clean_reply, clean_user_line
+from .persona_file import add_source
+from .sheet import CharacterSheet, LoreEntry, sheet_from_persona
+from .teacher import character_messages, character_prompt
+from .usersim import USER_PROMPT, Plan, plan, user_messages
+
+USER_TRIES = 2
+"""generated follow-ups tried before the templated one is used"""
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    count: int = 80
+    """conversations to attempt in all (those already in the output count)"""
+    max_turns: int = 3
+    seed: int = 42
+    tries: int = 6
+    """samples of a reply before the conversation ends at the previous exchange"""
+    concurrency: int = 8
+    examples: int = 3
+    """example dialogues shown to the teacher per conversation"""
+    out: str = "synth.jsonl"
+    """relative to the persona folder"""
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.95, max_new_tokens=48))
+    user_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.9, top_p=0.95, max_new_tokens=32))
 
 
 @dataclass
 class SynthReport:
-    """What a run kept and rejected, and why."""
+    out: Path
+    resumed: int = 0
+    """conversations already done by an earlier run (kept or dropped)"""
+    kept: int = 0
+    dropped: int = 0
+    exchanges: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    """rejected replies by reason"""
+    user_fallbacks: int = 0
+    """follow-ups that came from the templates because every generated one failed"""
+    errors: list[str] = field(default_factory=list)
+    source_added: bool = False
+    seconds: float = 0.0
 
-    written: int = 0  # conversations added to the output by this run
-    already: int = 0  # conversations the output held before (resumed)
-    replies: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)  # reason -> replies sampled again or dropped
-    dropped: int = 0  # conversations without a single kept reply
-    openers: Counter[str] = field(default_factory=Counter)  # kind of first user message -> conversations
+
+@dataclass
+class _Outcome:
+    plan: Plan
+    messages: list[dict[str, str]]
+    tries: list[int]
+    user_turns: list[str]
+    rejected: list[dict[str, Any]]
 
 
-def synthesize(
-    persona: PersonaData,
-    teacher: Teacher,
-    out: Path,
-    conversations: int,
-    turns: int,
-    seed: int,
-    batch_size: int = 8,
-    retries: int = 2,
-    progress: Callable[[int], None] = lambda _: None,
+async def synthesize(
+    persona_dir: str | Path, engine: Any, teacher: str, label: str, options: SynthOptions = SynthOptions(),
+    lore: Sequence[LoreEntry] = (), on_done: Callable[[bool], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> SynthReport:
-    """Write ``conversations`` dialogues of up to ``turns`` exchanges each to ``out`` (appending to a partial
-    run). ``progress(n)`` is told each time ``n`` more conversations are done."""
-    report = SynthReport()
-    done = _existing(out)
-    report.already = len(done)
-    replies = ReplyFilter(persona.style_checks, ["User"])
-    replies.remember(m["content"] for record in done.values() for m in record["messages"] if m["role"] == "assistant")
-    users = UserSimulator(persona.name, seed, persona.card.lorebook if persona.card else None)
-    system = _teacher_system(persona, out)
-    progress(len(done))
-    with out.open("a", encoding="utf-8") as sink:
-        for start in range(0, conversations, batch_size):
-            ids = [n for n in range(start, min(start + batch_size, conversations)) if n not in done]
-            if not ids:
-                continue
-            records = _batch(ids, turns, seed, retries, teacher, users, replies, persona, system, report)
-            for record in records:
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()  # a batch at a time: an interrupted run resumes at the batch it was in
-            report.written += len(records)
-            progress(len(ids))
+    """Write up to ``options.count`` conversations for the persona and list the output in its persona.toml.
+
+    ``engine`` serves the teacher as ``teacher`` (``Engine.serve_base`` is called here); ``label`` is how
+    the teacher is recorded in each record's provenance. ``on_start(n)`` once the n conversations still to do
+    are known, ``on_done(kept)`` after each of them."""
+    start = time.monotonic()
+    folder = Path(persona_dir)
+    toml_path = folder / PERSONA_FILE
+    if not toml_path.is_file():
+        raise DataError(f"{folder}: no {PERSONA_FILE} to add the synthetic source to (synth needs a persona "
+                        "folder; put a lone card in one with a persona.toml that lists it)")
+    out = folder / options.out
+    log = out.with_suffix(".rejected.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.touch()
+    done = _done_indices(out, options.seed) | _done_indices(log, options.seed)
+    sheet = sheet_from_persona(load_persona(folder), out, lore)
+    if not sheet.examples:
+        raise DataError(f"{folder}: no example dialogue (a user line answered by {sheet.name}) for the teacher "
+                        "to copy the voice from; add mes_example to the card or a few lines of dialogue")
+    report = SynthReport(out, resumed=len(done))
+    seen = [m["content"] for c in sheet.examples for m in c.messages if m["role"] == "assistant"]
+    seen += _kept_replies(out)
+    reply_filter = ReplyFilter(sheet.name, sheet.style_checks, seen=seen)
+    await engine.serve_base(teacher, "", options.sampling)
+    gate = asyncio.Semaphore(options.concurrency)
+
+    async def one(index: int) -> None:
+        conversation = plan(sheet, options.seed, index, options.max_turns, options.examples)
+        async with gate:
+            try:
+                outcome = await _converse(engine, teacher, sheet, conversation, options, reply_filter, report)
+            except Exception as exc:  # EngineError, a dropped connection: not recorded, so a rerun retries it
+                report.errors.append(f"conversation {index}: {exc}")
+                if on_done:
+                    on_done(False)
+                return
+        kept = _record(outcome, sheet, options, label, out, log, report)
+        if on_done:
+            on_done(kept)
+
+    todo = [i for i in range(options.count) if i not in done]
+    if on_start:
+        on_start(len(todo))
+    await asyncio.gather(*(one(i) for i in todo))
+    if _count_records(out) and add_source(toml_path, options.out):
+        report.source_added = True
+    report.seconds = time.monotonic() - start
     return report
 
 
-def _batch(ids: list[int], turns: int, seed: int, retries: int, teacher: Teacher, users: UserSimulator,
-           replies: ReplyFilter, persona: PersonaData, system: str, report: SynthReport) -> list[dict]:
-    history: dict[int, list[Message]] = {n: [] for n in ids}
-    kinds: dict[int, list[str]] = {n: [] for n in ids}
-    alive = list(ids)
-    for turn in range(turns):
-        for n in alive:
-            user = users.opener(n) if turn == 0 else users.follow_up(n, turn)
-            history[n].append({"role": "user", "content": user.text})
-            kinds[n].append(user.kind)
-        pending = list(alive)
-        for attempt in range(retries + 1):
-            if not pending:
+async def _converse(engine: Any, teacher: str, sheet: CharacterSheet, conversation: Plan, options: SynthOptions,
+                    reply_filter: ReplyFilter, report: SynthReport) -> _Outcome:
+    outcome = _Outcome(conversation, [], [], [], [])
+    user = conversation.opener
+    for turn in range(conversation.turns):
+        kind = "template"
+        if turn:
+            user, kind = await _follow_up(engine, teacher, sheet, outcome.messages, options,
+                                          conversation.fallbacks[turn - 1])
+            report.user_fallbacks += kind == "template"
+        outcome.messages.append({"role": "user", "content": user})
+        reply = None
+        for attempt in range(1, options.tries + 1):
+            prompt = character_messages(sheet, conversation.examples, outcome.messages)
+            text = clean_reply(await engine.complete(teacher, prompt, options.sampling), sheet.name)
+            reason = reply_filter.reason(text)
+            if reason is None:
+                reply = text
                 break
-            answers = teacher.complete([_prompt(system, history[n], persona) for n in pending],
-                                       seed=_seed(seed, ids[0], turn, attempt))
-            still = []
-            for n, answer in zip(pending, answers):
-                reason = replies.reject(answer)
-                if reason is None:
-                    replies.keep(answer)
-                    history[n].append({"role": "assistant", "content": answer.strip()})
-                    report.replies += 1
-                else:
-                    report.rejected[reason] += 1
-                    still.append(n)
-            pending = still
-        for n in pending:  # no acceptable reply: the conversation ends before this user turn
-            history[n].pop()
-            kinds[n].pop()
-        alive = [n for n in alive if n not in pending]
+            report.rejected[reason] += 1
+            outcome.rejected.append({"turn": turn, "reason": reason, "text": text})
+        if reply is None:
+            outcome.messages.pop()
+            break
+        reply_filter.keep(reply)
+        outcome.messages.append({"role": "assistant", "content": reply})
+        outcome.tries.append(attempt)
+        outcome.user_turns.append(kind)
+    return outcome
+
+
+async def _follow_up(engine: Any, teacher: str, sheet: CharacterSheet, messages: list[dict[str, str]],
+                     options: SynthOptions, fallback: str) -> tuple[str, str]:
+    """(the user's next line, "generated" or "template")."""
+    for _ in range(USER_TRIES):
+        text = await engine.complete(teacher, user_messages(sheet, messages), options.user_sampling)
+        line = clean_user_line(text, sheet.name)
+        if line and line.casefold() not in (m["content"].casefold() for m in messages):
+            return line, "generated"
+    return fallback, "template"
+
+
+def _record(outcome: _Outcome, sheet: CharacterSheet, options: SynthOptions, label: str, out: Path, log: Path,
+            report: SynthReport) -> bool:
+    """Append the conversation (or its drop) to the files, each as one write; True if it was kept."""
+    index = outcome.plan.index
+    rejected = [{"index": index, "seed": options.seed, **r} for r in outcome.rejected]
+    kept = bool(outcome.messages)
+    if kept:
+        meta = {
+            "index": index, "seed": options.seed, "teacher": label, "topic": outcome.plan.topic,
+            "tries": outcome.tries, "user_turns": outcome.user_turns,
+            "examples": [sheet.examples[i].origin for i in outcome.plan.examples],
+            "sampling": options.sampling.model_dump(),
+            "prompts": {"character": character_prompt(sheet), "user": USER_PROMPT.format(char=sheet.name)},
+        }
+        _append(out, [{"messages": outcome.messages, "meta": meta}])
+        report.kept += 1
+        report.exchanges += len(outcome.tries)
+    else:
+        rejected.append({"index": index, "seed": options.seed, "dropped": True})
+        report.dropped += 1
+    if rejected:
+        _append(log, rejected)
+    return kept
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+
+
+def _lines(path: Path) -> list[dict]:
+    """The file's complete records; a partial last line (a run killed mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
     records = []
-    for n in ids:
-        if not any(m["role"] == "assistant" for m in history[n]):
-            report.dropped += 1
-            continue
-        report.openers[kinds[n][0]] += 1
-        records.append({"messages": history[n], "synth": {"id": n, "teacher": teacher.name, "seed": seed,
-                                                          "users": kinds[n]}})
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (fix or delete the line)") from exc
     return records
 
 
-def _prompt(system: str, history: list[Message], persona: PersonaData) -> list[Message]:
-    """The teacher's view: the persona's prompt, examples and instruction, the lore the chat triggers, and
-    the chat with the card's depth prompt and post-history instructions where the bot would put them."""
-    if persona.card is None:
-        return [{"role": "system", "content": system}, *history]
-    added = apply_card_context(history, persona.card, lambda text: len(text) // 4 + 1)
-    return [{"role": "system", "content": "\n\n".join([system, *added.blocks])}, *added.turns]
+def _done_indices(path: Path, seed: int) -> set[int]:
+    done = set()
+    for record in _lines(path):
+        meta = record.get("meta", record)
+        if "index" not in meta:
+            continue  # a line written by hand: nothing to resume
+        if meta.get("seed") != seed:
+            raise DataError(f"{path}: made with --seed {meta.get('seed')}, this run has --seed {seed} (pass "
+                            "the same seed to continue it, or --out another file)")
+        if "meta" in record or record.get("dropped"):
+            done.add(meta["index"])
+    return done
 
 
-def _teacher_system(persona: PersonaData, out: Path) -> str:
-    own = [c for c in persona.conversations if not c.origin.startswith(str(out))][:EXAMPLES_SHOWN]
-    examples = "\n\n".join(
-        "\n".join(f"{'User' if m['role'] == 'user' else persona.name}: {m['content']}" for m in c.messages
-                  if m["role"] != "system")
-        for c in own
-    )
-    parts = [persona.system_prompt]
-    if examples:
-        parts.append(f"Example conversations with {persona.name}:\n\n{examples}")
-    parts.append(f"Write only {persona.name}'s next reply to the last message, in character and in "
-                 f"{persona.name}'s style. Never say you are an AI or a model, never step out of the role, "
-                 "and never write the other person's lines.")
-    return "\n\n".join(parts)
+def _kept_replies(path: Path) -> list[str]:
+    return [m["content"] for r in _lines(path) for m in r.get("messages", []) if m.get("role") == "assistant"]
 
 
-def _seed(seed: int, batch: int, turn: int, attempt: int) -> int:
-    return (seed * 1_000_003 + batch * 10_007 + turn * 101 + attempt) % 2**31
-
-
-def _existing(out: Path) -> dict[int, dict]:
-    """Records of a previous run, by conversation id; a line cut short by an interrupted run is dropped."""
-    if not out.exists():
-        return {}
-    records, good, bad = {}, [], 0
-    for line in filter(str.strip, out.read_text(encoding="utf-8").split("\n")):
-        try:
-            record = json.loads(line)
-            records[int(record["synth"]["id"])] = record
-            good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            bad += 1
-    if bad:
-        out.write_text("".join(g + "\n" for g in good), encoding="utf-8")
-    return records
-
-
-def add_source(persona_dir: Path, out: Path, teacher: str, seed: int) -> bool:
-    """Add ``out`` to persona.toml's sources (once); False when it is there already."""
-    toml = persona_dir / PERSONA_FILE
-    if not toml.is_file():
-        raise DataError(f"{persona_dir}: no {PERSONA_FILE} to add the synthetic source to")
-    relative = out.resolve().relative_to(persona_dir.resolve()).as_posix()
-    text = toml.read_text(encoding="utf-8")
-    if re.search(rf'^\s*path\s*=\s*"{re.escape(relative)}"', text, re.MULTILINE):
-        return False
-    block = (f'\n# synthetic dialogue: `finetune data synth` (teacher {teacher}, seed {seed})\n'
-             f'[[sources]]\npath = "{relative}"\nformat = "jsonl"\n')
-    toml.write_text(text.rstrip("\n") + "\n" + block, encoding="utf-8")
-    return True
+def _count_records(path: Path) -> int:
+    return sum(1 for r in _lines(path) if "messages" in r)

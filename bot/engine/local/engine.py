@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from finetune.bundle import Manifest, Sampling
+from finetune.bundle import Manifest, Sampling, base_manifest
 from finetune.model import EMBEDDED_DEFAULT
 
 from .adapters import prepare_adapter
 from ..base import Engine, EngineError
 from ..config import EngineConfig
 from ..context import fit_messages, prompt_budget
+from .lora import BASE_SLOT
 from .runtime import Runtime
 from .scheduler import DONE, ReplyQueue, Request, Scheduler
 
@@ -71,16 +72,33 @@ class LocalEngine(Engine):
             raise
         except Exception as exc:  # e.g. out of memory for the weights
             raise EngineError(f"adapter '{name}': {prepared.bundle_dir}: cannot load: {exc!r}") from exc
-        old = self._adapters.get(name)
-        self._adapters[name] = _Loaded(slot, prepared.manifest, prepared.bundle_dir)
-        if old is not None:
-            self._scheduler.retire(old.slot)
+        self._register(name, _Loaded(slot, prepared.manifest, prepared.bundle_dir))
         return prepared.manifest
+
+    async def serve_base(self, name: str, system_prompt: str = "", sampling: Sampling | None = None) -> Manifest:
+        """The base in the all-zero LoRA slot, rendered with its tokenizer's own chat template."""
+        rt = await self._runtime()
+        template = rt.tokenizer.chat_template
+        if not isinstance(template, str) or not template:
+            raise EngineError(f"base model '{self._base_model}': its tokenizer has no chat template to prompt with")
+        manifest = base_manifest(name, rt.info.name, rt.info.fingerprint, template, system_prompt, sampling)
+        self._register(name, _Loaded(BASE_SLOT, manifest, Path(self._base_model)))
+        return manifest
+
+    def _register(self, name: str, entry: _Loaded) -> None:
+        old = self._adapters.get(name)
+        self._adapters[name] = entry
+        if old is not None:
+            self._retire(old.slot)
+
+    def _retire(self, slot: int) -> None:
+        if slot != BASE_SLOT:  # shared by every name serving the base; never freed
+            self._scheduler.retire(slot)
 
     async def unload_adapter(self, name: str) -> None:
         entry = self._entry(name)
         del self._adapters[name]
-        self._scheduler.retire(entry.slot)
+        self._retire(entry.slot)
 
     async def stream(
         self, adapter: str, messages: list[dict[str, str]], sampling: Sampling | None = None

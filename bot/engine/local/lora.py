@@ -25,6 +25,9 @@ import torch.nn.functional as F
 
 from .projections import FusedLinear, Part
 
+BASE_SLOT = 0
+"""The slot that is always all zeros: rows routed to it run the base model alone."""
+
 LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module path -> (A [r, in], B [out, r] already multiplied by the LoRA scale)."""
 
@@ -71,8 +74,8 @@ class LoraSlots:
         """The layer whose output a stack's hook adds to (a fused layer for its parts) -> its stack."""
         self._capacity = 4
         self._rank = 8
-        self._used = {0}
-        self._single: int | None = 0
+        self._used = {BASE_SLOT}
+        self._single: int | None = BASE_SLOT
         self._rows: torch.Tensor | None = None
         self.version = 0
         """Changes whenever a forward's LoRA work changes shape: a captured graph of the old one is stale."""
@@ -101,6 +104,8 @@ class LoraSlots:
         return slot
 
     def remove(self, slot: int) -> None:
+        if slot == BASE_SLOT:
+            raise ValueError("the base slot holds no adapter and is never freed")
         for stack in self._stacks.values():
             stack.a[slot].zero_()
             stack.b[slot].zero_()
@@ -119,7 +124,7 @@ class LoraSlots:
         try:
             yield
         finally:
-            self._single, self._rows = 0, None
+            self._single, self._rows = BASE_SLOT, None
 
     def _target(self, path: str) -> tuple[torch.nn.Module, int]:
         """The layer a LoRA on ``path`` adds to, and which of its parts ``path`` is."""
@@ -151,7 +156,7 @@ class LoraSlots:
         """Add the LoRA term into the layer's fresh output, in place: where both have one dtype (a GPU) the
         add rides in the second matmul (``addmm_``: one kernel fewer per layer), else it is done at the
         higher precision of the two, as peft does."""
-        if self._single == 0:
+        if self._single == BASE_SLOT:
             return out
         x = x.to(self._dtype)
         fused = out.dtype == self._dtype
