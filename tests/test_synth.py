@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 
 from fake_engine import FakeEngine
 from finetune.cli import app
+from finetune.cards.lorebook import LoreEntry
 from finetune.conversation import DataError
 from finetune.persona import load_persona
 from finetune.synth import SynthOptions, synthesize
 from finetune.synth import filters
 from finetune.synth.filters import ReplyFilter, clean_reply, clean_user_line
 from finetune.synth.persona_file import add_source
-from finetune.synth.sheet import LoreEntry, sheet_from_persona
+from finetune.synth.sheet import sheet_from_persona
 from finetune.synth.teacher import character_messages
 from finetune.synth.usersim import TOPICS, USER_PROMPT, plan, user_messages
 
@@ -66,7 +67,7 @@ def nettle(tmp_path) -> Path:
     return folder
 
 
-def test_sheet_uses_the_card_and_leaves_a_lorebook_hook(nettle):
+def test_sheet_uses_the_card_and_its_lorebook(nettle):
     out = nettle / "synth.jsonl"
     out.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                             {"role": "assistant", "content": "Oi oi, hi. *slurp*"}]}) + "\n")
@@ -76,7 +77,9 @@ def test_sheet_uses_the_card_and_leaves_a_lorebook_hook(nettle):
     assert len(sheet.examples) == 4, "the card's four mes_example dialogues; greetings and the output are not"
     assert {"Glowmarket", "Dumpling", "Brassbeak"} <= set(sheet.world)
     assert "Nettle" not in sheet.world and sheet.style_checks == CHECKS
-    lore = [LoreEntry(("Flood Night",), "On Flood Night the canal rises.")]
+    assert "lantern coin" in sheet.world, "a lorebook entry's first key is something the user talks about"
+    assert len(sheet.lore) == 5 and any("Rusty Ladle" in text for text in sheet.lore), "every enabled entry"
+    lore = [LoreEntry("On Flood Night the canal rises.", ("Flood Night",))]
     with_lore = sheet_from_persona(persona, out, lore)
     assert with_lore.world[0] == "Flood Night"
     messages = character_messages(with_lore, (0, 2), [{"role": "user", "content": "hey"}])

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.bundle import Sampling
+from finetune.cards.lorebook import LoreEntry
 from finetune.conversation import DataError
 from finetune.persona import PERSONA_FILE, load_persona
 
 from .filters import ReplyFilter, clean_reply, clean_user_line
 from .persona_file import add_source
-from .sheet import CharacterSheet, LoreEntry, sheet_from_persona
+from .sheet import CharacterSheet, sheet_from_persona
 from .teacher import character_messages, character_prompt
 from .usersim import USER_PROMPT, Plan, plan, user_messages
 
@@ -79,7 +80,7 @@ class _Outcome:
 
 async def synthesize(
     persona_dir: str | Path, engine: Any, teacher: str, label: str, options: SynthOptions = SynthOptions(),
-    lore: Sequence[LoreEntry] = (), on_done: Callable[[bool], None] | None = None,
+    lore: Sequence[LoreEntry] | None = None, on_done: Callable[[bool], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> SynthReport:
     """Write up to ``options.count`` conversations for the persona and list the output in its persona.toml.

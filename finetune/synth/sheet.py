@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.cards.lorebook import LoreEntry
 from finetune.conversation import Conversation
 from finetune.persona import PersonaData
 
@@ -14,14 +15,6 @@ MAX_EXAMPLES = 12
 
 _PROPER_NOUN = re.compile(r"(?<![.!?\n]\s)(?<!^)\b([A-Z][a-z]{2,}(?: [A-Z][a-z]{2,})*)")
 _COMMON = {"The", "She", "Her", "His", "They", "Every", "When", "Scenario", "User", "Discord"}
-
-
-@dataclass(frozen=True)
-class LoreEntry:
-    """One lorebook entry as the teacher uses it: its trigger keys (things to talk about) and its text."""
-
-    keys: tuple[str, ...]
-    content: str
 
 
 @dataclass(frozen=True)
@@ -37,10 +30,13 @@ class CharacterSheet:
     style_checks: list[str] = field(default_factory=list)
 
 
-def sheet_from_persona(persona: PersonaData, exclude: Path, lore: Sequence[LoreEntry] = ()) -> CharacterSheet:
+def sheet_from_persona(persona: PersonaData, exclude: Path, lore: Sequence[LoreEntry] | None = None) -> CharacterSheet:
     """The persona as a teacher plays it. ``exclude``: the synth output file itself, whose conversations are
-    not examples. ``lore``: the card's lorebook entries (``finetune.cards`` parses ``character_book``; wire
-    them in here): every entry's text goes into the teacher's prompt and its first key into the world."""
+    not examples. ``lore``: lorebook entries, by default the enabled ones of the persona's card: every entry's
+    text goes into the teacher's prompt and its first key into the world the user simulator talks about."""
+    if lore is None:
+        book = persona.card.lorebook if persona.card else None
+        lore = [entry for entry in book.entries if entry.enabled] if book else []
     mine = f"{exclude}:"
     examples = [c for c in persona.conversations if not c.origin.startswith(mine) and _has_exchange(c)]
     world = [entry.keys[0] for entry in lore if entry.keys]
