@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from discord_spec import SpecCheck
 from fake_engine import FakeEngine, write_bundle
 
 from bot.app import PersonaBot
@@ -77,6 +78,8 @@ async def running(
     ``bundles`` gives real adapter bundles (default: FakeEngine placeholders named ``<persona>-v1``).
     """
     fake = await FakeDiscord().start()
+    spec = SpecCheck()
+    fake.reply_observers.append(spec)
     general = fake.add_channel("general")
     alice = fake.add_user("Alice")
     engine = engine or FakeEngine()
@@ -106,3 +109,4 @@ async def running(
                 await app.close()
     finally:
         await fake.close()
+    spec.assert_clean()  # every REST reply the fake sent in this test is shaped as Discord documents it

@@ -146,7 +146,7 @@ async def test_webhook_personas_post_under_their_own_name(tmp_path):
         ask = h.fake.post(h.alice, h.general, "hey @reef, how deep?")
         expected = "[reef-v1] Alice: hey @reef, how deep?"
         reply = await h.fake.wait_for(lambda: next((m for m in h.general.messages if m["content"] == expected), None))
-        assert reply["author"]["username"] == "Reef" and reply["author"]["avatar_url"].endswith("reef.png")
+        assert reply["author"]["username"] == "Reef" and h.fake.avatar_urls[reply["id"]].endswith("reef.png")
         assert reply["webhook_id"] and not h.replies(ask)
         follow = h.fake.post(h.alice, h.general, "deeper?", reply_to=reply)
         await h.fake.wait_for(lambda: any(m["content"] == "[reef-v1] Alice: deeper?" for m in h.general.messages))
