@@ -211,6 +211,17 @@ class FakeDiscord:
             self.gateway.dispatch(bot, event, {**channel.payload(), **(
                 {"newly_created": True} if event == "THREAD_CREATE" else {})})
 
+    def add_webhook(self, channel: Channel, owner: User, name: str = "proxy") -> Webhook:
+        """A webhook someone else made (a proxy bot such as PluralKit posts any name through one)."""
+        hook = Webhook(self.snowflake(), f"hook-{self.snowflake()}", channel, name, owner)
+        self.webhooks[hook.id] = hook
+        return hook
+
+    def webhook_post(self, hook: Webhook, username: str, content: str, *, reply_to: dict | None = None) -> dict:
+        """``hook`` posts ``content`` under ``username``."""
+        return self.create_message(hook.channel, hook.author(username), content, webhook_id=hook.id,
+                                   reference=reply_to)
+
     def dm_channel(self, user: User, bot: User) -> Channel:
         for channel in self.channels.values():
             if channel.guild_id is None and channel.recipient is user and channel.name == f"dm-{bot.id}":
