@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import defaultdict, deque
 from collections.abc import Callable
 from functools import partial
@@ -14,6 +15,7 @@ import discord
 
 from finetune.bundle import BundleError, Manifest
 
+from .bundles import hide_paths, resolve_bundle
 from .client import BotClient
 from .commands import register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
@@ -27,6 +29,8 @@ from .streaming import EditLimiter, ReplyStream
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
 log = logging.getLogger(__name__)
+_HOST_PATH = re.compile(r"(?<![\w.<:/~])~?/(?:[^\s/`'\"]+/)+[^\s/`'\",:;)]*")
+"""An absolute (or ~) path of two segments or more: ``/srv/bots/x``, not ``/persona``."""
 
 
 class StartupError(RuntimeError):
@@ -250,13 +254,31 @@ class PersonaBot:
         return next((v for v in self.voices if v.name.lower() == name.strip().lower()), None)
 
     async def swap(self, voice: Voice, adapter: str) -> Manifest:
-        """Serve another bundle for ``voice``; on any error the old adapter keeps serving."""
-        path = Path(adapter).expanduser()
-        if not path.exists() and not path.is_absolute():
-            path = self.settings.adapters_dir / adapter
-        manifest = await self.engine.load_adapter(voice.name, path.resolve())
+        """Serve the bundle named ``adapter`` inside ADAPTERS_DIR for ``voice``; on any error (a CommandError
+        that names no host path) the old adapter keeps serving."""
+        path = resolve_bundle(self.settings.adapters_dir, adapter)
+        try:
+            manifest = await self.engine.load_adapter(voice.name, path)
+        except (EngineError, BundleError) as exc:
+            log.warning("persona %s: cannot load %s: %s", voice.name, path, exc)
+            raise CommandError(self.public(str(exc))) from exc
         log.info("persona %s now serves %s (%s)", voice.name, manifest.name, path)
         return manifest
+
+    async def reload(self, voice: Voice) -> Manifest:
+        """Re-read ``voice``'s bundle from disk; on any error the loaded adapter keeps serving."""
+        try:
+            return await self.engine.reload_adapter(voice.name)
+        except (EngineError, BundleError) as exc:
+            log.warning("persona %s: cannot reload: %s", voice.name, exc)
+            raise CommandError(self.public(str(exc))) from exc
+
+    def public(self, text: str) -> str:
+        """``text`` fit to show in Discord: ADAPTERS_DIR and the personas' bundle folders by name, any other
+        host path hidden."""
+        known = [(self.settings.adapters_dir.expanduser().resolve(), "ADAPTERS_DIR"),
+                 *((Path(p.adapter).resolve(), f"{p.name}'s bundle") for p in self.personas)]
+        return _HOST_PATH.sub("<path>", hide_paths(text, *known))
 
     def stop_replies(self, channel_id: int) -> int:
         streams = list(self.streams.get(channel_id, ()))

@@ -97,7 +97,7 @@ async def running(
             logins[name] = f"tok-{name}"
             bots[name] = fake.add_bot(name, logins[name], message_content=not denied_intents)
             specs.append(PersonaSpec(name=name, adapter=bundle, token_env=f"{name.upper()}_TOKEN", **extra))
-    config = Settings(_env_file=None, **{**FAST, **settings})  # type: ignore[call-arg]
+    config = Settings(_env_file=None, **{**FAST, "adapters_dir": root / "bundles", **settings})  # type: ignore[call-arg]
     try:
         with fake.patched():
             app = PersonaBot(config, specs, engine, tokens={**logins, **(tokens or {})},

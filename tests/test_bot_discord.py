@@ -116,18 +116,18 @@ async def test_reset_forgets_earlier_messages(tmp_path):
 
 
 @async_test
-async def test_swap_hot_swaps_the_adapter_for_admins_only(tmp_path):
+async def test_swap_hot_swaps_the_adapter_for_owners_only(tmp_path):
     async with running(tmp_path) as h:
         brine = h.bots["Brine"]
-        v2 = h.bundle("brine-v2")
-        denied = h.fake.command(brine, h.alice, h.general, "persona swap", adapter=str(v2))
-        assert "Manage Server" in await denied.text() and denied.ephemeral
-        bad = h.fake.command(brine, h.owner, h.general, "persona swap", adapter=str(tmp_path / "nope"))
+        h.bundle("brine-v2")
+        denied = h.fake.command(brine, h.alice, h.general, "persona swap", adapter="brine-v2")
+        assert "owners" in await denied.text() and denied.ephemeral
+        bad = h.fake.command(brine, h.owner, h.general, "persona swap", adapter="nope")
         text = await bad.text()
         assert text.startswith("❌") and "nope" in text and "keeps serving" in text and bad.ephemeral
         first = h.fake.post(h.alice, h.general, f"{brine.mention} one")
         await h.reply_text(first, "[brine-v1] Alice: @Brine one")
-        swap = h.fake.command(brine, h.owner, h.general, "persona swap", adapter=str(v2))
+        swap = h.fake.command(brine, h.owner, h.general, "persona swap", adapter="brine-v2")
         assert "now serves `brine-v2`" in await swap.text()
         second = h.fake.post(h.alice, h.general, f"{brine.mention} two")
         await h.reply_text(second, "[brine-v2] Alice: @Brine two")

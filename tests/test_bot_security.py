@@ -13,7 +13,7 @@ P = discord.Permissions
 
 @async_test
 async def test_only_the_bots_owners_change_what_a_persona_serves(tmp_path):
-    async with running(tmp_path, ("Brine",), adapters_dir=tmp_path / "bundles") as h:
+    async with running(tmp_path, ("Brine",)) as h:
         brine, fake = h.bots["Brine"], h.fake
         h.bundle("brine-v2")
         moderator = fake.add_user("Mod", roles=[fake.add_role("mods", P(manage_guild=True).value)])
@@ -36,7 +36,7 @@ async def test_only_the_bots_owners_change_what_a_persona_serves(tmp_path):
 
 @async_test
 async def test_bundles_resolve_only_inside_adapters_dir_and_replies_show_no_host_paths(tmp_path):
-    async with running(tmp_path, ("Brine",), adapters_dir=tmp_path / "bundles") as h:
+    async with running(tmp_path, ("Brine",)) as h:
         outside = write_bundle(tmp_path / "outside" / "evil", "evil")
         (tmp_path / "bundles" / "link").symlink_to(outside)
         h.bundle("brine-v2")
@@ -47,7 +47,8 @@ async def test_bundles_resolve_only_inside_adapters_dir_and_replies_show_no_host
             texts.append(await swap.text())
         assert all(t.startswith("❌") for t in texts), texts
         assert h.engine.manifest("Brine").name == "brine-v1", "nothing outside ADAPTERS_DIR loaded"
-        assert len(set(t.split("\n")[0] for t in texts[3:6])) == 1, "/etc, ~ and /proc answer alike"
+        shapes = {t.split("\n")[0].replace(a, "NAME") for t, a in zip(texts[3:6], attempts[3:6])}
+        assert len(shapes) == 1, f"/etc, ~ and /proc answer alike: {shapes}"
         listing = await h.fake.command(h.bots["Brine"], h.alice, h.general, "persona list").text()
         missing = await h.fake.command(h.bots["Brine"], h.owner, h.general, "persona swap",
                                        adapter="nope").text()
