@@ -203,8 +203,8 @@ class PersonaBot:
         """Answer humans who mention or reply to the persona, DM it, or write in its own channels."""
         if not _human(message) or message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return False
-        if message.guild is None:
-            return voice.can_dm and voice.client is client
+        if message.guild is None:  # DMs carry no roles: a role allow list refuses them, a user one still matches
+            return voice.can_dm and voice.client is client and _permits(voice, message.author, message.channel)
         if voice.client.get_channel(message.channel.id) is None or not _permits(voice, message.author, message.channel):
             return False
         return voice.addressed(message) or bool(_places(message.channel) & set(voice.persona.channels))
