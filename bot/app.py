@@ -61,6 +61,7 @@ class PersonaBot:
         self._tasks: set[asyncio.Task] = set()
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque(maxlen=10_000)
+        self._webhooks: list[Webhooks] = []  # of the clients that post as webhook personas
         self._build_clients()
 
     def _build_clients(self) -> None:
@@ -80,6 +81,8 @@ class PersonaBot:
                 command_guilds=self.settings.command_guilds, **self._client_options,
             )
             webhooks = Webhooks(client)
+            if any(p.webhook for p in personas):
+                self._webhooks.append(webhooks)
             voices += [BotVoice(p, client) if not p.webhook else WebhookVoice(p, client, webhooks) for p in personas]
             self.clients.append(client)
             self.voices += voices
@@ -116,6 +119,7 @@ class PersonaBot:
         for client in self.clients:
             client.connection = asyncio.create_task(client.connect(), name=f"gateway {client.label}")
         await asyncio.gather(*(self._until_ready(c) for c in self.clients))
+        await asyncio.gather(*(w.discover() for w in self._webhooks))
         log.info("ready: %s", ", ".join(v.name for v in self.voices))
 
     async def _login(self, client: BotClient) -> None:

@@ -79,7 +79,9 @@ class WebhookVoice(Voice):
         self._mention = re.compile(rf"(?<!\w)@{re.escape(persona.name)}(?!\w)", re.IGNORECASE)
 
     def owns(self, message: discord.Message) -> bool:
-        return message.webhook_id is not None and message.author.name == self.persona.name
+        """Posted through one of this bot's own webhooks under the persona's name; anyone's webhook (a proxy
+        bot such as PluralKit) can post under any name, so the name alone proves nothing."""
+        return message.webhook_id in self.webhooks.ids and message.author.name == self.persona.name
 
     def addressed(self, message: discord.Message) -> bool:
         return bool(self._mention.search(message.content)) or self._replies_to_me(message)
@@ -159,19 +161,37 @@ async def typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
 
 
 class Webhooks:
-    """One webhook per channel, owned by the hosting bot: found once (or created), then cached."""
+    """One webhook per channel, owned by the hosting bot: found once (or created), then cached. ``ids`` are
+    the bot's own webhooks seen so far: what tells its personas' messages from anyone else's."""
 
     def __init__(self, client: discord.Client) -> None:
         self.client = client
+        self.ids: set[int] = set()
         self._hooks: dict[int, discord.Webhook] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+
+    def _mine(self, hooks: list[discord.Webhook]) -> list[discord.Webhook]:
+        me = self.client.user
+        mine = [h for h in hooks if h.token and h.user and me and h.user.id == me.id]
+        self.ids.update(h.id for h in mine)
+        return mine
+
+    async def discover(self) -> None:
+        """Learn the bot's webhooks in every guild (one request each), so its personas recognise their own
+        messages from before this start; a guild where the bot may not list webhooks is skipped (the
+        permission check reports it)."""
+        for guild in self.client.guilds:
+            try:
+                self._mine(await guild.webhooks())
+            except discord.HTTPException as exc:
+                log.debug("cannot list webhooks in guild %s: %s", guild.id, exc)
 
     async def get(self, channel: discord.TextChannel) -> discord.Webhook:
         async with self._locks.setdefault(channel.id, asyncio.Lock()):
             hook = self._hooks.get(channel.id)
             if hook is None:
-                me = self.client.user
-                mine = [h for h in await channel.webhooks() if h.token and h.user and me and h.user.id == me.id]
+                mine = self._mine(await channel.webhooks())
                 hook = mine[0] if mine else await channel.create_webhook(name=WEBHOOK_NAME)
+                self.ids.add(hook.id)
                 self._hooks[channel.id] = hook
             return hook

@@ -80,6 +80,7 @@ class Rest:
             r.post(f"{API}/channels/{{channel_id}}/typing", self.typing),
             r.get(f"{API}/channels/{{channel_id}}/webhooks", self.list_webhooks),
             r.post(f"{API}/channels/{{channel_id}}/webhooks", self.create_webhook),
+            r.get(f"{API}/guilds/{{guild_id}}/webhooks", self.guild_webhooks),
             r.post(f"{API}/users/@me/channels", self.open_dm),
             r.post(f"{API}/webhooks/{{webhook_id}}/{{token}}", self.execute_webhook),
             r.get(f"{API}/webhooks/{{webhook_id}}/{{token}}/messages/{{message_id}}", self.get_webhook_message),
@@ -241,6 +242,15 @@ class Rest:
     async def list_webhooks(self, request: web.Request) -> web.Response:
         channel = self.channel(request, self.bot(request), MANAGE_WEBHOOKS)
         return reply([h.payload() for h in self.fake.webhooks.values() if h.channel is channel])
+
+    async def guild_webhooks(self, request: web.Request) -> web.Response:
+        bot = self.bot(request)
+        guild = self.fake.guilds.get(int(request.match_info["guild_id"]))
+        if guild is None or bot.id not in guild.members:
+            raise ApiError(403, 50001, "Missing Access")
+        if not guild.permissions(bot) & MANAGE_WEBHOOKS:
+            raise ApiError(403, 50013, "Missing Permissions")
+        return reply([h.payload() for h in self.fake.webhooks.values() if h.channel.guild_id == guild.id])
 
     async def create_webhook(self, request: web.Request) -> web.Response:
         bot = self.bot(request)

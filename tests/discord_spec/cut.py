@@ -24,6 +24,7 @@ ROUTES = {
     "/channels/{channel_id}/messages/{message_id}": ["get", "patch", "delete"],
     "/channels/{channel_id}/typing": ["post"],
     "/channels/{channel_id}/webhooks": ["get", "post"],
+    "/guilds/{guild_id}/webhooks": ["get"],
     "/users/@me/channels": ["post"],
     "/webhooks/{webhook_id}/{webhook_token}": ["post"],
     "/webhooks/{webhook_id}/{webhook_token}/messages/{message_id}": ["get", "patch"],
