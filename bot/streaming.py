@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from .redact import redact
+
 log = logging.getLogger(__name__)
 
 DISCORD_LIMIT = 2000
 PLACEHOLDER = "…"
+FAILED = "⚠️ Sorry, I could not finish this reply (the bot's log says why)."
 
 
 class ReplyTarget(Protocol):
@@ -128,9 +131,9 @@ class ReplyStream:
             async for piece in pieces:
                 self.text += piece
                 self._changed.set()
-        except Exception as exc:  # the engine failed this request: say so in the reply itself
-            log.warning("generation failed in channel %s: %s", self.channel_id, exc)
-            self.text += f"\n⚠️ generation failed: {exc}"
+        except Exception as exc:  # the engine failed: a short note in the reply, the detail in the log only
+            log.warning("generation failed in channel %s: %s", self.channel_id, redact(f"{exc!r}"))
+            self.text += f"\n{FAILED}"
         finally:
             aclose = getattr(pieces, "aclose", None)
             if aclose is not None:

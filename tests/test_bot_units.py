@@ -290,3 +290,20 @@ def test_env_example_documents_every_setting():
         while above in keys:
             above -= 1
         assert lines[above].startswith("# "), f"{key} in .env.example has no comment above it"
+
+
+def test_redaction_covers_urls_tokens_keys_and_tracebacks():
+    import logging
+    import sys
+
+    from bot.redact import RedactingFilter, redact
+
+    text = "POST http://bob:hunter2@h:8000/v1 Authorization: Bearer abc.def key sk-live-123456 ?api_key=zzz&x=1"
+    assert redact(text) == "POST http://***@h:8000/v1 Authorization: Bearer *** key sk-*** ?api_key=***&x=1"
+    assert redact("plain text, http://host/v1 and sk-1") == "plain text, http://host/v1 and sk-1"
+    try:
+        raise RuntimeError("cannot reach http://u:p4ss@host/v1")
+    except RuntimeError:
+        record = logging.LogRecord("bot", logging.ERROR, __file__, 1, "job %s failed", ("x",), sys.exc_info())
+    RedactingFilter().filter(record)
+    assert record.exc_info is None and "p4ss" not in record.getMessage() and "RuntimeError" in record.getMessage()
