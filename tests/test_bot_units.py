@@ -16,7 +16,7 @@ from bot.config import ConfigError, Settings, load_personas, load_settings, pers
 from bot.engine import EngineConfig
 from bot.history import to_messages, window_start
 from bot.queues import ChannelQueues
-from bot.streaming import PLACEHOLDER, EditLimiter, ReplyStream, split_message
+from bot.streaming import FAILED, PLACEHOLDER, EditLimiter, ReplyStream, split_message
 
 
 # splitting
@@ -125,7 +125,7 @@ async def test_stream_placeholder_empty_reply_error_and_stop():
 
     target = Target()
     await ReplyStream(target, EditLimiter(0.01, 1000), 1).run(broken())
-    assert target.messages[1] == "half a\n⚠️ generation failed: boom"
+    assert target.messages[1] == f"half a\n{FAILED}"
 
     target, closed = Target(), []
     stream = ReplyStream(target, EditLimiter(0.01, 1000), 1)
