@@ -22,7 +22,7 @@ from .config import ConfigError, PersonaSpec, Settings, persona_token
 from .converse import ConverseSession
 from .engine.base import Engine, EngineError
 from .errors import CommandError
-from .history import gather, to_messages, window_start
+from .history import Speakers, gather, to_messages, window_start
 from .prompt import assemble
 from .queues import ChannelQueues
 from .streaming import EditLimiter, ReplyStream
@@ -220,17 +220,27 @@ class PersonaBot:
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
             floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
             history = await gather(message, limit + 1, floor)  # one more than fits shows that the window is full
-            start = window_start(history, voice.owns, max_messages=limit, max_chars=chars)
+            speakers = self.speakers(voice).learn(history)
+            start = window_start(history, speakers, max_messages=limit, max_chars=chars)
             if start:
                 self.windows[channel_id] = history[start - 1].id
             history = history[start:]
         else:
             history = await gather(message, limit, reset)
-        turns = to_messages(history, voice.owns, max_messages=limit, max_chars=chars)
+            speakers = self.speakers(voice).learn(history)
+        turns = to_messages(history, speakers, max_messages=limit, max_chars=chars)
         if message.guild is None:
             return await self.reply(voice, message.channel, turns)
         channel = voice.client.get_channel(message.channel.id)
         return await self.reply(voice, channel, turns, reply_to=message)  # type: ignore[arg-type]
+
+    def speakers(self, voice: Voice | None) -> Speakers:
+        """How ``voice``'s prompt names who said what: its own messages, the other personas, everyone else."""
+        return Speakers(
+            owns=voice.owns if voice is not None else lambda message: False,
+            persona_of=lambda message: next((v.name for v in self.voices if v is not voice and v.owns(message)), None),
+            personas=frozenset(v.name.casefold() for v in self.voices),
+        )
 
     async def reply(
         self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]],
@@ -325,7 +335,7 @@ class PersonaBot:
             raise CommandError("a conversation is already running here; /stop it first")
         session = ConverseSession(
             channel.id, voices, topic, min(turns or self.settings.converse_turns, self.settings.converse_max_turns),  # type: ignore[attr-defined]
-            cooldown=self.settings.converse_cooldown, started_by=getattr(user, "display_name", user.name),
+            cooldown=self.settings.converse_cooldown, started_by=self.speakers(None).human(getattr(user, "display_name", user.name), user.name),
         )
         self.sessions[session.channel_id] = session
         task = asyncio.create_task(session.run(partial(self._turn, session)), name=f"converse-{session.channel_id}")
