@@ -20,6 +20,7 @@ from .client import BotClient
 from .commands import register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
 from .converse import ConverseSession
+from .delivery import persist
 from .engine.base import Engine, EngineError
 from .errors import CommandError
 from .history import Speakers, gather, to_messages, window_start
@@ -219,20 +220,24 @@ class PersonaBot:
         reset = self.resets.get(channel_id)
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
             floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
-            history = await gather(message, limit + 1, floor)  # one more than fits shows that the window is full
+            history = await self._gather(message, limit + 1, floor)  # one more than fits: the window is full
             speakers = self.speakers(voice).learn(history)
             start = window_start(history, speakers, max_messages=limit, max_chars=chars)
             if start:
                 self.windows[channel_id] = history[start - 1].id
             history = history[start:]
         else:
-            history = await gather(message, limit, reset)
+            history = await self._gather(message, limit, reset)
             speakers = self.speakers(voice).learn(history)
         turns = to_messages(history, speakers, max_messages=limit, max_chars=chars)
         if message.guild is None:
             return await self.reply(voice, message.channel, turns)
         channel = voice.client.get_channel(message.channel.id)
         return await self.reply(voice, channel, turns, reply_to=message)  # type: ignore[arg-type]
+
+    async def _gather(self, message: discord.Message, limit: int, after: int | None) -> list[discord.Message]:
+        where = f"history for a reply in channel {message.channel.id}"
+        return await persist(lambda: gather(message, limit, after), where, self.settings.delivery_deadline)
 
     def speakers(self, voice: Voice | None) -> Speakers:
         """How ``voice``'s prompt names who said what: its own messages, the other personas, everyone else."""
@@ -252,7 +257,8 @@ class PersonaBot:
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
             await voice.reply_target(channel, reply_to), self.limiter, channel_id,
-            placeholder_after=self.settings.placeholder_after,
+            placeholder_after=self.settings.placeholder_after, timeout=self.settings.generation_timeout,
+            deadline=self.settings.delivery_deadline,
         )
         self.streams[channel_id].add(stream)
         try:

@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+import discord
+
+from .delivery import DeliveryError, persist
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -16,6 +19,9 @@ log = logging.getLogger(__name__)
 DISCORD_LIMIT = 2000
 PLACEHOLDER = "…"
 FAILED = "⚠️ Sorry, I could not finish this reply (the bot's log says why)."
+TIMED_OUT = "⚠️ Sorry, the model took too long; this reply ends here."
+EMPTY = "(no reply)"
+STOPPED = "⏹️ (stopped)"
 
 
 class ReplyTarget(Protocol):
@@ -85,26 +91,35 @@ def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
 
 
 class ReplyStream:
-    """Mirror a growing text into Discord messages; ``stop()`` ends it early, keeping what was written."""
+    """Mirror a growing text into Discord messages; ``stop()`` ends it early, keeping what was written.
+
+    Every reply ends visibly: with its text, or a note when the engine failed, fell silent for ``timeout``
+    seconds, said nothing, or was stopped before it said anything. Writes Discord refuses (429, 5xx) are
+    retried for ``deadline`` seconds; an edit that still fails is posted as a new message instead.
+    """
 
     def __init__(
         self, target: ReplyTarget, limiter: EditLimiter, channel_id: int, *, placeholder_after: float = 0.8,
-        limit: int = DISCORD_LIMIT,
+        limit: int = DISCORD_LIMIT, timeout: float | None = None, deadline: float = 120.0,
     ) -> None:
         self.target = target
         self.limiter = limiter
         self.channel_id = channel_id
         self.placeholder_after = placeholder_after
         self.limit = limit
+        self.timeout = timeout
+        self.deadline = deadline
         self.text = ""
         self.message_ids: list[int] = []
         self._shown: list[str] = []
         self._changed = asyncio.Event()
         self._pump: asyncio.Task | None = None
+        self._stopped = False
 
     def stop(self) -> None:
         """Stop generating (frees the engine slot at once); what was generated so far still lands."""
         if self._pump is not None:
+            self._stopped = True
             self._pump.cancel()
 
     async def run(self, pieces: AsyncIterator[str]) -> str:
@@ -123,14 +138,25 @@ class ReplyStream:
                 self._changed.clear()
                 await self.limiter.acquire(self.channel_id)
                 await self._write(self._target())
+        except DeliveryError as exc:
+            log.error("channel %s: a reply of %d chars is lost: %s", self.channel_id, len(self.text), exc)
+            return self.text
         finally:
             pump.cancel()
 
     async def _consume(self, pieces: AsyncIterator[str]) -> None:
+        stream = aiter(pieces)
         try:
-            async for piece in pieces:
+            while True:
+                try:
+                    piece = await asyncio.wait_for(anext(stream), self.timeout)
+                except StopAsyncIteration:
+                    return
                 self.text += piece
                 self._changed.set()
+        except asyncio.TimeoutError:
+            log.warning("generation in channel %s: no text for %s s, gave up", self.channel_id, self.timeout)
+            self.text += f"\n{TIMED_OUT}"
         except Exception as exc:  # the engine failed: a short note in the reply, the detail in the log only
             log.warning("generation failed in channel %s: %s", self.channel_id, redact(f"{exc!r}"))
             self.text += f"\n{FAILED}"
@@ -148,16 +174,27 @@ class ReplyStream:
             changed.cancel()
 
     def _target(self) -> list[str]:
-        return split_message(self.text, self.limit) or [PLACEHOLDER]
+        chunks = split_message(self.text, self.limit)
+        if chunks:
+            return chunks
+        if self._pump is None or not self._pump.done():
+            return [PLACEHOLDER]
+        return [STOPPED if self._stopped else EMPTY]
 
     async def _write(self, chunks: list[str]) -> None:
         """Bring the first message that differs up to date: one write per limiter slot."""
+        where = f"reply in channel {self.channel_id}"
         for i, chunk in enumerate(chunks):
             if i == len(self._shown):
-                self.message_ids.append(await self.target.post(chunk))
+                self.message_ids.append(await persist(lambda: self.target.post(chunk), where, self.deadline))
                 self._shown.append(chunk)
                 return
             if self._shown[i] != chunk:
-                await self.target.edit(self.message_ids[i], chunk)
+                try:
+                    await persist(lambda: self.target.edit(self.message_ids[i], chunk), where, self.deadline)
+                except (DeliveryError, discord.HTTPException) as exc:  # gone, or never editable again: repost
+                    log.warning("%s: cannot edit message %s (%s); posting the text anew", where,
+                                self.message_ids[i], exc)
+                    self.message_ids[i] = await persist(lambda: self.target.post(chunk), where, self.deadline)
                 self._shown[i] = chunk
                 return

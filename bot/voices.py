@@ -103,8 +103,8 @@ class ChannelTarget:
 
     async def post(self, content: str) -> int:
         reference = self.reply_to.to_reference(fail_if_not_exists=False) if self.reply_to else None
-        self.reply_to = None
         message = await self.channel.send(content, reference=reference, allowed_mentions=ALLOWED_MENTIONS)  # type: ignore[arg-type]
+        self.reply_to = None  # only once it is sent: a retried first post still replies
         return message.id
 
     async def edit(self, message_id: int, content: str) -> None:

@@ -16,7 +16,7 @@ from bot.config import ConfigError, Settings, load_personas, load_settings, pers
 from bot.engine import EngineConfig
 from bot.history import Speakers, to_messages, window_start
 from bot.queues import ChannelQueues
-from bot.streaming import FAILED, PLACEHOLDER, EditLimiter, ReplyStream, split_message
+from bot.streaming import EMPTY, FAILED, PLACEHOLDER, EditLimiter, ReplyStream, split_message
 
 
 # splitting
@@ -117,7 +117,7 @@ async def test_stream_placeholder_empty_reply_error_and_stop():
 
     target = Target()
     await ReplyStream(target, EditLimiter(0.01, 1000), 1).run(pieces("   ", 0.001))
-    assert target.messages == {1: PLACEHOLDER}
+    assert target.messages == {1: EMPTY}, "an empty reply says so"
 
     async def broken():
         yield "half a"
