@@ -30,6 +30,7 @@ from .streaming import EditLimiter, ReplyStream
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
 log = logging.getLogger(__name__)
+TOPIC_CHARS = 300
 _HOST_PATH = re.compile(r"(?<![\w.<:/~])~?/(?:[^\s/`'\"]+/)+[^\s/`'\",:;)]*")
 """An absolute (or ~) path of two segments or more: ``/srv/bots/x``, not ``/persona``."""
 
@@ -191,7 +192,7 @@ class PersonaBot:
             if not wanted:  # a human interrupting a conversation always gets an answer
                 wanted = [session.next_speaker]
             session.stop("interrupted")
-            self.stop_replies(channel_id)
+            self.stop_replies(channel_id, session)  # its turn only: other replies here are not part of it
         for voice in wanted:
             self.queues.submit(channel_id, partial(self.answer, voice, message))
 
@@ -249,10 +250,11 @@ class PersonaBot:
 
     async def reply(
         self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]],
-        reply_to: discord.Message | None = None,
+        reply_to: discord.Message | None = None, session: ConverseSession | None = None,
     ) -> str:
-        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``: every reply (channel
-        messages, /converse turns) reaches the engine through ``prompt.assemble`` here."""
+        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel`` (as ``session``'s turn when
+        given): every reply (channel messages, /converse turns) reaches the engine through
+        ``prompt.assemble`` here."""
         messages = assemble(turns)
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
@@ -261,9 +263,12 @@ class PersonaBot:
             deadline=self.settings.delivery_deadline,
         )
         self.streams[channel_id].add(stream)
+        owned = session.streams if session is not None else set()
+        owned.add(stream)
         try:
             return await stream.run(self.engine.stream(voice.persona.name, messages))
         finally:
+            owned.discard(stream)
             self.streams[channel_id].discard(stream)
             if not self.streams[channel_id]:
                 del self.streams[channel_id]
@@ -300,8 +305,9 @@ class PersonaBot:
                  *((Path(p.adapter).resolve(), f"{p.name}'s bundle") for p in self.personas)]
         return _HOST_PATH.sub("<path>", hide_paths(text, *known))
 
-    def stop_replies(self, channel_id: int) -> int:
-        streams = list(self.streams.get(channel_id, ()))
+    def stop_replies(self, channel_id: int, session: ConverseSession | None = None) -> int:
+        """Stop the replies streaming in the channel (only ``session``'s turns when it is given)."""
+        streams = [s for s in self.streams.get(channel_id, ()) if session is None or s in session.streams]
         for stream in streams:
             stream.stop()
         return len(streams)
@@ -324,6 +330,8 @@ class PersonaBot:
         user: discord.abc.User,
     ) -> ConverseSession:
         """/converse: start a bot-to-bot conversation in ``channel``; at most one runs per channel."""
+        if len(topic) > TOPIC_CHARS:  # it is quoted in the announcement, which must fit one message
+            raise CommandError(f"the topic is {len(topic)} characters long; keep it under {TOPIC_CHARS}")
         voices = []
         for name in names:
             voice = self.voice(name)
@@ -355,7 +363,7 @@ class PersonaBot:
             if not session.active:
                 return ""
             channel = voice.client.get_channel(session.channel_id)
-            return await self.reply(voice, channel, turns)  # type: ignore[arg-type]
+            return await self.reply(voice, channel, turns, session=session)  # type: ignore[arg-type]
 
         return await self.queues.submit(session.channel_id, turn)
 

@@ -32,6 +32,7 @@ class ConverseSession:
         self.cooldown = cooldown
         self.started_by = started_by
         self.transcript: list[tuple[Voice, str]] = []
+        self.streams: set[object] = set()  # the ReplyStreams of its turns now being written
         self.reason = ""
         self._stopped = asyncio.Event()
 
