@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -70,24 +72,54 @@ class EditLimiter:
 
 
 def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
-    """Cut text into messages of at most ``limit`` chars, at a line break, else a space, else anywhere.
+    """Cut text into messages of at most ``limit`` chars, at a line break, else a space, else anywhere but
+    inside a character an emoji modifier or joiner extends. A code block cut in two is closed at the end of
+    one message and reopened (with its language) at the start of the next, so both render as code.
 
     Only the first ``limit + 1`` chars decide each cut, so chunks already sent never change as text grows.
     """
     chunks: list[str] = []
-    rest = text.strip()
-    while len(rest) > limit:
-        window = rest[: limit + 1]
-        cut = window.rfind("\n")
-        if cut < limit // 2:
-            cut = window.rfind(" ")
-        if cut <= 0:
-            cut = limit
-        chunks.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
+    rest, opener = text.strip(), ""
+    while len(opener) + len(rest) > limit:
+        room = limit - len(opener)
+        chunk = opener + rest[:_cut(rest, room)].rstrip()
+        if _open_fence(chunk) is not None:  # leave room to close it
+            chunk = opener + rest[:_cut(rest, room - len(FENCE_CLOSE))].rstrip()
+        fence = _open_fence(chunk)
+        body = len(chunk) - len(opener)
+        rest = rest[body:].lstrip()
+        chunks.append(chunk + FENCE_CLOSE if fence is not None else chunk)
+        opener = f"```{fence}\n" if fence is not None else ""
     if rest:
-        chunks.append(rest)
+        chunks.append(opener + rest)
     return chunks
+
+
+FENCE_CLOSE = "\n```"
+_EXTENDS = re.compile("[\u200d\ufe0e\ufe0f\U0001f3fb-\U0001f3ff\U000e0020-\U000e007f\u20e3]")
+"""Joiner, variation selectors, skin tones, tag characters, keycap: they belong to the character before."""
+
+
+def _cut(rest: str, room: int) -> int:
+    window = rest[: room + 1]
+    cut = window.rfind("\n")
+    if cut < room // 2:
+        cut = window.rfind(" ")
+    if cut <= 0:
+        cut = room
+        while 0 < cut < len(rest) and (_EXTENDS.match(rest[cut]) or rest[cut - 1] == "\u200d"
+                                       or unicodedata.combining(rest[cut])):
+            cut -= 1
+        cut = cut or room
+    return cut
+
+
+def _open_fence(chunk: str) -> str | None:
+    """The language of a code block ``chunk`` leaves open ("" for none), or None when all are closed."""
+    fences = chunk.split("```")
+    if len(fences) % 2:
+        return None
+    return re.match(r"[\w+#.-]*", fences[-1]).group(0)
 
 
 class ReplyStream:

@@ -99,6 +99,8 @@ def test_splitting_keeps_code_fences_balanced_and_emoji_whole():
     chunks = split_message(code)
     assert len(chunks) > 1 and all(c.count("```") % 2 == 0 for c in chunks), [c[-20:] for c in chunks]
     assert all(len(c) <= 2000 for c in chunks)
+    assert chunks[1].startswith("```python\n"), "the block reopens with its language"
+    assert all(split_message(code[:n])[0] == chunks[0] for n in range(2100, len(code), 211)), "stable as it grows"
     thumbs = "👍🏽"
     text = "a" * 1999 + thumbs + " tail"
     assert all(thumbs in c or "🏽" not in c for c in split_message(text)), "the skin tone stays with its emoji"
