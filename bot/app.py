@@ -185,16 +185,41 @@ class PersonaBot:
         """
         if not self._first_sighting(message.id):
             return
-        channel_id = message.channel.id
+        ref = message.reference
+        if ref is not None and ref.message_id is not None and ref.resolved is None and _human(message):
+            ref.resolved = ref.cached_message  # Discord may leave referenced_message out
+            if ref.resolved is None:  # look it up in the channel's turn, so replies keep their order
+                self.queues.submit(message.channel.id, partial(self._answer_once_resolved, client, message))
+                return
+        for voice in self._route(client, message):
+            self.queues.submit(message.channel.id, partial(self.answer, voice, message))
+
+    def _route(self, client: BotClient, message: discord.Message) -> list[Voice]:
+        """The personas that answer ``message``; a human writing stops the channel's conversation."""
         wanted = [v for v in self.voices if self.wants(v, message, client)]
-        session = self.sessions.get(channel_id)
+        session = self.sessions.get(message.channel.id)
         if session is not None and session.active and _human(message):
             if not wanted:  # a human interrupting a conversation always gets an answer
                 wanted = [session.next_speaker]
             session.stop("interrupted")
-            self.stop_replies(channel_id, session)  # its turn only: other replies here are not part of it
-        for voice in wanted:
-            self.queues.submit(channel_id, partial(self.answer, voice, message))
+            self.stop_replies(message.channel.id, session)  # its turn only: other replies here are not part of it
+        return wanted
+
+    async def _answer_once_resolved(self, client: BotClient, message: discord.Message) -> None:
+        """Fetch the message ``message`` replies to (Discord sent only its id), then answer as usual."""
+        ref = message.reference
+        assert ref is not None and ref.message_id is not None
+        where = f"the message replied to in channel {message.channel.id}"
+        try:
+            ref.resolved = await persist(lambda: message.channel.fetch_message(ref.message_id), where,
+                                         self.settings.delivery_deadline)
+        except discord.HTTPException as exc:  # deleted or hidden: it is a plain message then
+            log.info("%s: %s", where, exc)
+        for voice in self._route(client, message):
+            try:
+                await self.answer(voice, message)
+            except Exception:
+                log.exception("%s: %s failed to answer", where, voice.name)
 
     def _first_sighting(self, message_id: int) -> bool:
         if message_id in self._seen:

@@ -138,7 +138,12 @@ async def test_a_reply_without_referenced_message_is_still_answered(tmp_path):
         answer = await h.reply_text(first, "[brine-v1] Alice: @Brine hi")
         h.fake.omit_referenced = True  # Discord may leave it out
         follow = h.fake.post(h.alice, h.general, "and then?", reply_to=answer)
-        await h.reply_text(follow, "[brine-v1] Alice: and then?")
+        await h.reply_text(follow, "[brine-v1] Alice: and then?")  # found in the gateway's message cache
+        for client in h.app.clients:
+            client._connection._messages.clear()  # an answer from before the bot's last restart
+        late = h.fake.post(h.alice, h.general, "still there?", reply_to=answer)
+        await h.reply_text(late, "[brine-v1] Alice: still there?")  # fetched
+        assert any(r.method == "GET" and r.path.endswith(f"/messages/{answer['id']}") for r in h.fake.requests)
 
 
 @async_test
