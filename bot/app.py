@@ -15,6 +15,7 @@ import discord
 
 from finetune.bundle import BundleError, Manifest
 
+from . import permissions
 from .bundles import hide_paths, resolve_bundle
 from .client import BotClient
 from .commands import register
@@ -64,6 +65,7 @@ class PersonaBot:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque(maxlen=10_000)
         self._webhooks: list[Webhooks] = []  # of the clients that post as webhook personas
+        self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
         self._build_clients()
 
     def _build_clients(self) -> None:
@@ -122,6 +124,11 @@ class PersonaBot:
             client.connection = asyncio.create_task(client.connect(), name=f"gateway {client.label}")
         await asyncio.gather(*(self._until_ready(c) for c in self.clients))
         await asyncio.gather(*(w.discover() for w in self._webhooks))
+        for voice in self.voices:
+            for guild in voice.client.guilds:
+                if missing := permissions.lacking(guild.me.guild_permissions, voice.persona.webhook):
+                    log.warning("persona %s in server %r (%s): the bot's role lacks %s; %s", voice.name,
+                                guild.name, guild.id, ", ".join(missing), permissions.FIX)
         log.info("ready: %s", ", ".join(v.name for v in self.voices))
 
     async def _login(self, client: BotClient) -> None:
@@ -243,6 +250,8 @@ class PersonaBot:
     async def answer(self, voice: Voice, message: discord.Message) -> str:
         """``voice`` replies to ``message`` (which may have come through another persona's client)."""
         channel_id, limit, chars = message.channel.id, self.settings.history_messages, self.settings.history_chars
+        if message.guild is not None and not await self._allowed_here(voice, voice.client.get_channel(channel_id)):
+            return ""
         reset = self.resets.get(channel_id)
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
             floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
@@ -260,6 +269,25 @@ class PersonaBot:
             return await self.reply(voice, message.channel, turns)
         channel = voice.client.get_channel(message.channel.id)
         return await self.reply(voice, channel, turns, reply_to=message)  # type: ignore[arg-type]
+
+    async def _allowed_here(self, voice: Voice, channel: Any) -> bool:
+        """Whether the bot holds what ``voice`` needs in ``channel``; if not, says what is missing, in the log
+        and (where it may still write) in the channel, once until that changes."""
+        missing = permissions.in_channel(channel, voice.persona.webhook)
+        key = (voice.name, channel.id)
+        if not missing:
+            self._told.pop(key, None)
+            return True
+        if self._told.get(key) != missing:
+            self._told[key] = missing
+            note = f"⚠️ **{voice.name}** cannot answer here: the bot lacks {', '.join(missing)}; {permissions.FIX}."
+            log.warning("channel %s: %s", channel.id, note)
+            granted = channel.permissions_for(channel.guild.me)
+            if granted.view_channel and (granted.send_messages_in_threads if isinstance(channel, discord.Thread)
+                                         else granted.send_messages):
+                await persist(lambda: channel.send(note), f"a note in channel {channel.id}",
+                              self.settings.delivery_deadline)
+        return False
 
     async def _gather(self, message: discord.Message, limit: int, after: int | None) -> list[discord.Message]:
         where = f"history for a reply in channel {message.channel.id}"

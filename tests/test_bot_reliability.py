@@ -150,8 +150,13 @@ async def test_a_reply_without_referenced_message_is_still_answered(tmp_path):
 async def test_a_webhook_persona_without_manage_webhooks_says_what_is_missing(tmp_path):
     async with running(tmp_path, (), webhook=("Reef",)) as h:
         host = h.bots["Reef"]
-        h.fake.bot_role(host).permissions &= ~P(manage_webhooks=True).value
-        h.fake.post(h.alice, h.general, "@Reef hello?")
+        role = h.fake.bot_role(host)
+        h.fake.set_permissions(role, role.permissions & ~P(manage_webhooks=True).value)
+        for _ in range(2):
+            h.fake.post(h.alice, h.general, "@Reef hello?")
         note = await h.fake.wait_for(lambda: next(
             (m for m in h.general.messages if m["author"]["id"] == str(host.id)), None), 5)
         assert "Manage Webhooks" in note["content"]
+        await h.settled()
+        notes = [m for m in h.general.messages if m["author"]["id"] == str(host.id)]
+        assert len(notes) == 1 and not h.engine.served, "said once, and nobody generates for nothing"

@@ -177,6 +177,13 @@ class FakeDiscord:
             self.gateway.dispatch(bot, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload(guild.id)})
         return role.id
 
+    def set_permissions(self, role: Role, permissions: int, guild: Guild | None = None) -> None:
+        """A server admin edits ``role``: bots get GUILD_ROLE_UPDATE, as on Discord."""
+        guild = guild or self.guild
+        role.permissions = permissions
+        for bot in self._bots_in(guild):
+            self.gateway.dispatch(bot, "GUILD_ROLE_UPDATE", {"guild_id": str(guild.id), "role": role.payload(guild.id)})
+
     def set_nick(self, user: User, nick: str | None, guild: Guild | None = None) -> None:
         (guild or self.guild).members[user.id].nick = nick
 
