@@ -16,6 +16,7 @@ import discord
 from finetune.bundle import BundleError, Manifest
 
 from . import permissions
+from .backlog import Backlog
 from .bundles import hide_paths, resolve_bundle
 from .client import BotClient
 from .commands import register
@@ -24,7 +25,7 @@ from .converse import ConverseSession
 from .delivery import persist
 from .engine.base import Engine, EngineError
 from .errors import CommandError
-from .history import Speakers, gather, to_messages, window_start
+from .history import Speakers, to_messages, window_start
 from .prompt import assemble
 from .queues import ChannelQueues
 from .streaming import EditLimiter, ReplyStream
@@ -52,6 +53,7 @@ class PersonaBot:
         self._engine = engine
         self.limiter = EditLimiter(settings.edit_interval, settings.edits_per_second)
         self.queues = ChannelQueues()
+        self.backlog = Backlog()
         self.sessions: dict[int, ConverseSession] = {}
         self.resets: dict[int, int] = {}
         self.windows: dict[int, int] = {}
@@ -255,14 +257,14 @@ class PersonaBot:
         reset = self.resets.get(channel_id)
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
             floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
-            history = await self._gather(message, limit + 1, floor)  # one more than fits: the window is full
+            history = await self._gather(voice, message, limit + 1, floor)  # one more than fits: the window is full
             speakers = self.speakers(voice).learn(history)
             start = window_start(history, speakers, max_messages=limit, max_chars=chars)
             if start:
                 self.windows[channel_id] = history[start - 1].id
             history = history[start:]
         else:
-            history = await self._gather(message, limit, reset)
+            history = await self._gather(voice, message, limit, reset)
             speakers = self.speakers(voice).learn(history)
         turns = to_messages(history, speakers, max_messages=limit, max_chars=chars)
         if message.guild is None:
@@ -289,9 +291,11 @@ class PersonaBot:
                               self.settings.delivery_deadline)
         return False
 
-    async def _gather(self, message: discord.Message, limit: int, after: int | None) -> list[discord.Message]:
+    async def _gather(self, voice: Voice, message: discord.Message, limit: int,
+                      after: int | None) -> list[discord.Message]:
         where = f"history for a reply in channel {message.channel.id}"
-        return await persist(lambda: gather(message, limit, after), where, self.settings.delivery_deadline)
+        return await persist(lambda: self.backlog.history(voice.client, message, limit, after), where,
+                             self.settings.delivery_deadline)
 
     def speakers(self, voice: Voice | None) -> Speakers:
         """How ``voice``'s prompt names who said what: its own messages, the other personas, everyone else."""

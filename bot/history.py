@@ -36,6 +36,8 @@ async def _parent(message: discord.Message) -> discord.Message | None:
         return None
     if isinstance(ref.resolved, discord.Message):
         return ref.resolved
+    if (cached := ref.cached_message) is not None:  # Discord left it out; the gateway's cache has it
+        return cached
     try:
         return await message.channel.fetch_message(ref.message_id)
     except discord.HTTPException:

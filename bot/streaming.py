@@ -23,6 +23,8 @@ PLACEHOLDER = "…"
 FAILED = "⚠️ Sorry, I could not finish this reply (the bot's log says why)."
 TIMED_OUT = "⚠️ Sorry, the model took too long; this reply ends here."
 EMPTY = "(no reply)"
+TYPING_AFTER = 0.2
+"""Seconds without text before 'is typing…' is shown: most replies start sooner, and each is a request."""
 STOPPED = "⏹️ (stopped)"
 
 
@@ -158,8 +160,11 @@ class ReplyStream:
         """Stream ``pieces`` to Discord; returns the full text. The last write always has the final text."""
         self._pump = pump = asyncio.create_task(self._consume(pieces))
         try:
-            async with self.target.typing():
-                await self._wait(pump, self.placeholder_after)
+            first = min(TYPING_AFTER, self.placeholder_after)
+            await self._wait(pump, first)
+            if not self.text and not pump.done():  # still thinking: say so (a quick reply needs no request)
+                async with self.target.typing():
+                    await self._wait(pump, self.placeholder_after - first)
             while True:  # from here on something is visible: the text so far, or a placeholder
                 if self._target() == self._shown:
                     if pump.done():

@@ -14,7 +14,7 @@ from bot.streaming import split_message
 @async_test
 async def test_mention_gets_a_streamed_reply(tmp_path):
     async with running(tmp_path) as h:
-        h.engine.piece, h.engine.delay = 2, 0.01
+        h.engine.piece, h.engine.delay, h.engine.first_delay = 2, 0.01, 0.25
         message = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} tell me about the sea")
         reply = await h.reply_text(message, "[brine-v1] Alice: @Brine tell me about the sea")
         await h.settled()
