@@ -67,6 +67,8 @@ class PersonaBot:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque(maxlen=10_000)
         self._webhooks: list[Webhooks] = []  # of the clients that post as webhook personas
+        self._starters: dict[int, int] = {}  # channel -> who started its conversation
+        self._busy: set[int] = set()  # channels told that their queue is full, until it drains
         self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
         self._build_clients()
 
@@ -201,7 +203,27 @@ class PersonaBot:
                 self.queues.submit(message.channel.id, partial(self._answer_once_resolved, client, message))
                 return
         for voice in self._route(client, message):
-            self.queues.submit(message.channel.id, partial(self.answer, voice, message))
+            self._queue(voice, message)
+
+    def _queue(self, voice: Voice, message: discord.Message) -> None:
+        """Queue ``voice``'s answer, unless the channel already has ``QUEUE_LIMIT`` waiting: then the message
+        is skipped, and the channel is told so once until its queue drains."""
+        channel_id = message.channel.id
+        waiting = self.queues.depth(channel_id)
+        if waiting < self.settings.queue_limit:
+            if not waiting:
+                self._busy.discard(channel_id)
+            self.queues.submit(channel_id, partial(self.answer, voice, message))
+            return
+        log.warning("channel %s: %d replies waiting; skipping message %s", channel_id, waiting, message.id)
+        if channel_id not in self._busy and (channel := voice.client.get_channel(channel_id)) is not None:
+            self._busy.add(channel_id)
+            note = (f"⏳ Busy: {waiting} messages here are waiting for an answer, so I am skipping new ones for "
+                    "a moment. Ask again once these are answered.")
+            task = asyncio.create_task(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
+                                               self.settings.delivery_deadline))
+            task.add_done_callback(self._tasks.discard)
+            self._tasks.add(task)
 
     def _route(self, client: BotClient, message: discord.Message) -> list[Voice]:
         """The personas that answer ``message``; a human writing stops the channel's conversation."""
@@ -404,15 +426,28 @@ class PersonaBot:
         current = self.sessions.get(channel.id)  # type: ignore[attr-defined]
         if current is not None and current.active:
             raise CommandError("a conversation is already running here; /stop it first")
+        mine = sum(1 for c, starter in self._starters.items() if starter == user.id and c in self.sessions)
+        if mine >= self.settings.converse_per_user:
+            raise CommandError(f"you already run {mine} conversation{'s' * (mine > 1)} (at most "
+                               f"{self.settings.converse_per_user} at once); /stop one first")
         session = ConverseSession(
             channel.id, voices, topic, min(turns or self.settings.converse_turns, self.settings.converse_max_turns),  # type: ignore[attr-defined]
-            cooldown=self.settings.converse_cooldown, started_by=self.speakers(None).human(getattr(user, "display_name", user.name), user.name),
+            cooldown=self.settings.converse_cooldown,
+            started_by=self.speakers(None).human(getattr(user, "display_name", user.name), user.name),
         )
         self.sessions[session.channel_id] = session
+        self._starters[session.channel_id] = user.id
         task = asyncio.create_task(session.run(partial(self._turn, session)), name=f"converse-{session.channel_id}")
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(partial(self._ended, session))
         self._tasks.add(task)
         return session
+
+    def _ended(self, session: ConverseSession, task: asyncio.Task) -> None:
+        """A finished conversation is forgotten: memory does not grow with uptime."""
+        self._tasks.discard(task)
+        if self.sessions.get(session.channel_id) is session:
+            del self.sessions[session.channel_id]
+            self._starters.pop(session.channel_id, None)
 
     async def _turn(self, session: ConverseSession, voice: Voice, turns: list[dict[str, str]]) -> str:
         """One conversation turn, queued behind whatever the channel is already answering."""

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     converse_turns: int = Field(6, gt=0)
     converse_max_turns: int = Field(20, gt=0)
     converse_cooldown: float = Field(3.0, ge=0)
+    converse_per_user: int = Field(1, gt=0, description="conversations one user may run at once")
+    queue_limit: int = Field(5, gt=0, description="replies waiting per channel; more messages are skipped")
 
     _ids = field_validator("owner_ids", "command_guilds", mode="before")(_id_list)
 

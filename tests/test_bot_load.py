@@ -8,7 +8,7 @@ from fake_discord_harness import async_test, running
 
 @async_test
 async def test_200_messages_across_20_channels_all_answered_in_order(tmp_path):
-    async with running(tmp_path, edit_interval=0.08) as h:
+    async with running(tmp_path, edit_interval=0.08, queue_limit=10) as h:
         h.fake.limit_writes(5, 0.25)  # Discord-like bucket: our cadence must never trip it
         h.fake.limits.global_per_second = None  # the global limit has its own test below
         h.fake.gateway.heartbeat_interval = 0.1

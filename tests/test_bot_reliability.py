@@ -160,3 +160,35 @@ async def test_a_webhook_persona_without_manage_webhooks_says_what_is_missing(tm
         await h.settled()
         notes = [m for m in h.general.messages if m["author"]["id"] == str(host.id)]
         assert len(notes) == 1 and not h.engine.served, "said once, and nobody generates for nothing"
+
+
+@async_test
+async def test_a_flood_is_bounded_with_one_visible_note(tmp_path):
+    async with running(tmp_path, ("Brine",), engine=FakeEngine(first_delay=0.3), queue_limit=3) as h:
+        brine = h.bots["Brine"]
+        flood = [h.fake.post(h.alice, h.general, f"{brine.mention} message {k}") for k in range(12)]
+        await h.fake.wait_for(lambda: h.replies(flood[0]))
+        await h.settled(20)
+        answered = [m for m in flood if h.replies(m)]
+        assert 3 <= len(answered) <= 1 + 3, "three waiting (and the one running, when it had started)"
+        notes = [m for m in h.general.messages if m["author"]["id"] == str(brine.id) and "busy" in m["content"].lower()]
+        assert len(notes) == 1, "said once, not once per message"
+        later = h.fake.post(h.alice, h.general, f"{brine.mention} calmer now")
+        await h.reply_text(later, "[brine-v1] Alice: @Brine calmer now", timeout=5)
+
+
+@async_test
+async def test_one_conversation_per_user_and_finished_ones_are_freed(tmp_path):
+    async with running(tmp_path) as h:
+        other = h.fake.add_channel("other")
+        first = h.fake.command(h.bots["Brine"], h.alice, h.general, "converse", persona_a="Brine",
+                               persona_b="Coral", topic="tides", turns=2)
+        await first.text()
+        second = h.fake.command(h.bots["Brine"], h.alice, other, "converse", persona_a="Brine",
+                                persona_b="Coral", topic="storms", turns=2)
+        assert "already" in (await second.text()) and second.ephemeral
+        await h.fake.wait_for(lambda: not h.app.sessions, 10)
+        await h.settled()
+        again = h.fake.command(h.bots["Brine"], h.alice, other, "converse", persona_a="Brine",
+                               persona_b="Coral", topic="storms", turns=1)
+        assert "talk about" in await again.text()
