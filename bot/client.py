@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +23,30 @@ def intents() -> discord.Intents:
     value.presences = False
     value.members = False
     return value
+
+
+GLOBAL_PER_SECOND = 40
+"""Requests per second one token sends at most: well under Discord's global 50 (network jitter bunches
+arrivals), whose 429s count toward the invalid-request ban (10,000 in 10 minutes blocks the IP)."""
+
+
+class Pacer:
+    """A sliding one-second window over a token's REST requests, so a burst never reaches the global limit
+    (discord.py only reacts to a global 429, after the fact)."""
+
+    def __init__(self, per_second: int = GLOBAL_PER_SECOND) -> None:
+        self.per_second = per_second
+        self._sent: deque[float] = deque()
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            while self._sent and self._sent[0] <= now - 1.0:
+                self._sent.popleft()
+            if len(self._sent) < self.per_second:
+                self._sent.append(now)
+                return
+            await asyncio.sleep(self._sent[0] + 1.0 - now)
 
 
 class BotClient(discord.Client):
@@ -42,6 +68,15 @@ class BotClient(discord.Client):
         self._command_guilds = list(command_guilds)
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error
+        self.pacer = Pacer()
+        request = self.http.request
+
+        async def paced(route: discord.http.Route, **kwargs: Any) -> Any:
+            if not route.path.startswith("/interactions/"):  # exempt on Discord, and due within 3 s
+                await self.pacer.wait()
+            return await request(route, **kwargs)
+
+        self.http.request = paced  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
         self._add_commands(self.tree)

@@ -10,7 +10,6 @@ from fake_discord_harness import async_test, running
 async def test_200_messages_across_20_channels_all_answered_in_order(tmp_path):
     async with running(tmp_path, edit_interval=0.08, queue_limit=10) as h:
         h.fake.limit_writes(5, 0.25)  # Discord-like bucket: our cadence must never trip it
-        h.fake.limits.global_per_second = None  # the global limit has its own test below
         h.fake.gateway.heartbeat_interval = 0.1
         await h.fake.disconnect(h.bots["Brine"])  # reconnect so the short heartbeat interval applies
         await h.fake.wait_for(lambda: h.fake.gateway.live[h.bots["Brine"].id].pipe is not None)
