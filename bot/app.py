@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,8 @@ from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
 log = logging.getLogger(__name__)
 TOPIC_CHARS = 300
+CATCH_UP_CHANNELS, CATCH_UP_MESSAGES = 50, 50
+"""After a new gateway session: how many recently active channels are read, how far."""
 _HOST_PATH = re.compile(r"(?<![\w.<:/~])~?/(?:[^\s/`'\"]+/)+[^\s/`'\",:;)]*")
 """An absolute (or ~) path of two segments or more: ``/srv/bots/x``, not ``/persona``."""
 
@@ -67,6 +69,8 @@ class PersonaBot:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque(maxlen=10_000)
         self._webhooks: list[Webhooks] = []  # of the clients that post as webhook personas
+        self._last_seen: OrderedDict[int, int] = OrderedDict()  # channel -> its newest message seen
+        self._sessions_started: set[int] = set()  # clients past their first gateway session (by id())
         self._starters: dict[int, int] = {}  # channel -> who started its conversation
         self._busy: set[int] = set()  # channels told that their queue is full, until it drains
         self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
@@ -84,7 +88,7 @@ class PersonaBot:
                 raise ConfigError(f"personas {names} use the same bot token; give each its own, or use webhook mode")
             voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
             client = BotClient(
-                token, self._label(personas), on_message=self.on_message,
+                token, self._label(personas), on_message=self.on_message, on_new_session=self._catch_up,
                 add_commands=partial(register, app=self, voices=voices),
                 command_guilds=self.settings.command_guilds, **self._client_options,
             )
@@ -196,6 +200,10 @@ class PersonaBot:
         """
         if not self._first_sighting(message.id):
             return
+        self._last_seen[message.channel.id] = max(message.id, self._last_seen.get(message.channel.id, 0))
+        self._last_seen.move_to_end(message.channel.id)
+        while len(self._last_seen) > CATCH_UP_CHANNELS:
+            self._last_seen.popitem(last=False)
         ref = message.reference
         if ref is not None and ref.message_id is not None and ref.resolved is None and _human(message):
             ref.resolved = ref.cached_message  # Discord may leave referenced_message out
@@ -224,6 +232,26 @@ class PersonaBot:
                                                self.settings.delivery_deadline))
             task.add_done_callback(self._tasks.discard)
             self._tasks.add(task)
+
+    async def _catch_up(self, client: BotClient) -> None:
+        """After a new gateway session (the old one was invalidated), read what was said in the channels
+        recently seen since their last message, and answer it as if it had arrived: nothing said during the
+        gap goes unanswered. The first session of a client has nothing to catch up on."""
+        if id(client) not in self._sessions_started:
+            self._sessions_started.add(id(client))
+            return
+        for channel_id, last in list(self._last_seen.items()):
+            channel = client.get_channel(channel_id)
+            if channel is None or not isinstance(channel, discord.abc.Messageable):
+                continue
+            where = f"catching up in channel {channel_id}"
+            try:
+                missed = await persist(lambda: _history_after(channel, last), where, self.settings.delivery_deadline)
+            except discord.HTTPException as exc:
+                log.warning("%s: %s", where, exc)
+                continue
+            for message in missed:
+                self.on_message(client, message)
 
     def _route(self, client: BotClient, message: discord.Message) -> list[Voice]:
         """The personas that answer ``message``; a human writing stops the channel's conversation."""
@@ -458,6 +486,10 @@ class PersonaBot:
             return await self.reply(voice, channel, turns, session=session)  # type: ignore[arg-type]
 
         return await self.queues.submit(session.channel_id, turn)
+
+
+async def _history_after(channel: discord.abc.Messageable, after: int) -> list[discord.Message]:
+    return [m async for m in channel.history(limit=CATCH_UP_MESSAGES, after=discord.Object(after), oldest_first=True)]
 
 
 def _places(channel: object) -> set[int]:

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import discord
@@ -50,12 +50,14 @@ class Pacer:
 
 
 class BotClient(discord.Client):
-    """Hands this token's messages to ``on_message`` and serves the slash commands ``add_commands`` puts in
+    """Hands this token's messages to ``on_message`` (and each new gateway session to ``on_new_session``) and
+    serves the slash commands ``add_commands`` puts in
     its tree, synced globally or, when ``command_guilds`` are given, to those guilds (instantly visible)."""
 
     def __init__(
         self, token: str, label: str, *, on_message: Callable[[BotClient, discord.Message], None],
         add_commands: Callable[[app_commands.CommandTree], None], command_guilds: Sequence[int] = (),
+        on_new_session: Callable[[BotClient], Awaitable[None]] | None = None,
         **options: Any,
     ) -> None:
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # text only: no voice warnings
@@ -64,6 +66,7 @@ class BotClient(discord.Client):
         self.label = label
         self.connection: asyncio.Task | None = None
         self._on_message = on_message
+        self._on_new_session = on_new_session
         self._add_commands = add_commands
         self._command_guilds = list(command_guilds)
         self.tree = app_commands.CommandTree(self)
@@ -89,6 +92,11 @@ class BotClient(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         self._on_message(self, message)
+
+    async def on_ready(self) -> None:
+        """Every new gateway session (not a RESUME): what was said while it was down was never sent to it."""
+        if self._on_new_session is not None:
+            await self._on_new_session(self)
 
     async def _on_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         log.error("/%s failed: %s", interaction.command.qualified_name if interaction.command else "?", error,

@@ -192,3 +192,17 @@ async def test_one_conversation_per_user_and_finished_ones_are_freed(tmp_path):
         again = h.fake.command(h.bots["Brine"], h.alice, other, "converse", persona_a="Brine",
                                persona_b="Coral", topic="storms", turns=1)
         assert "talk about" in await again.text()
+
+
+@async_test
+async def test_what_was_said_while_a_session_was_invalidated_is_answered(tmp_path):
+    async with running(tmp_path, ("Brine",)) as h:
+        brine, gateway = h.bots["Brine"], h.fake.gateway
+        seen = h.fake.post(h.alice, h.general, f"{brine.mention} before")
+        await h.reply_text(seen, "[brine-v1] Alice: @Brine before")
+        gateway.invalidate_session(brine)
+        missed = h.fake.post(h.alice, h.general, f"{brine.mention} during the gap")  # never sent to the bot
+        await h.fake.wait_for(lambda: gateway.identifies[brine.id] == 2, 10)
+        await h.reply_text(missed, "[brine-v1] Alice: @Brine during the gap", timeout=10)
+        await h.settled()
+        assert len(h.replies(seen)) == 1, "what was answered before is not answered again"
