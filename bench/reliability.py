@@ -3,7 +3,9 @@
 The real bot (discord.py and all) against ``bot/fake_discord`` with the tests' FakeEngine, at production
 cadence (``EDITS_PER_SECOND=20``) with the fake's per-route buckets and global 50/s limit on. Each run
 counts messages sent, answered and lost, 429s the bot drew, reconnects it survived, bad inputs tried and
-handled (answered, or deliberately not, with no error logged).
+handled (answered, or deliberately not: unaddressed, blocked), and ERROR records logged. The disconnect run
+cycles server close (1001, 4000), RECONNECT, INVALID_SESSION and a heartbeat request, posting right after
+each; "reconnects" counts those whose message was answered.
 
     python bench/reliability.py            # about a minute on a 2-core CPU
 """
@@ -77,21 +79,21 @@ async def storm(root: Path) -> dict:
 
 async def disconnects(root: Path) -> dict:
     async with running(root, ("Brine",), **PRODUCTION) as h:
-        brine, gateway, sent, survived = h.bots["Brine"], h.fake.gateway, [], 0
+        brine, sent, survived = h.bots["Brine"], [], 0
+        gateway = h.fake.gateway
         kinds: list[Callable[[], Awaitable[None] | None]] = [
             lambda: h.fake.disconnect(brine), lambda: gateway.request_reconnect(brine),
             lambda: gateway.invalidate_session(brine), lambda: gateway.request_heartbeat(brine),
             lambda: h.fake.disconnect(brine, 4000),
         ]
         for k in range(25):
-            before = (gateway.live[brine.id].resumes, gateway.identifies[brine.id])
             outcome = kinds[k % len(kinds)]()
             if asyncio.iscoroutine(outcome):
                 await outcome
             sent.append(h.fake.post(h.alice, h.general, f"{brine.mention} after drop {k}"))
             try:
                 await h.fake.wait_for(lambda: h.replies(sent[-1]), 20)
-                survived += (gateway.live[brine.id].resumes, gateway.identifies[brine.id]) != before or k % 5 == 3
+                survived += 1  # the message said right after the drop was answered
             except asyncio.TimeoutError:
                 pass
         return {"sent": len(sent), "answered": await answered(h, sent, 30), "429s": len(h.fake.rate_limited),
