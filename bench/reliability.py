@@ -120,7 +120,7 @@ async def bad_input(root: Path) -> dict:
         posts: list[Callable[[], dict]] = [lambda t=t: fake.post(h.alice, h.general, t[:2000]) for t in texts]
         posts += [
             lambda: fake.post(h.alice, h.general, f"{me} reply to a deleted message", reply_to=gone),
-            lambda: left_out(fake, lambda: fake.post(h.alice, h.general, "reply, no referenced_message", reply_to=answer)),
+            lambda: left_out(fake, lambda: fake.post(h.alice, h.general, "no referenced_message", reply_to=answer)),
             lambda: fake.create_message(h.general, h.alice, me, extra={"sticker_items": [
                 {"id": "1", "name": "Wave", "format_type": 1}]}),
             lambda: fake.post(h.alice, h.general, f"{me} " + "🏳️‍🌈" * 300),

@@ -70,7 +70,7 @@ class PersonaBot:
         self._seen_order: deque[int] = deque(maxlen=10_000)
         self._webhooks: list[Webhooks] = []  # of the clients that post as webhook personas
         self._last_seen: OrderedDict[int, int] = OrderedDict()  # channel -> its newest message seen
-        self._sessions_started: set[int] = set()  # clients past their first gateway session (by id())
+        self._sessions_started: set[BotClient] = set()  # clients past their first gateway session
         self._starters: dict[int, int] = {}  # channel -> who started its conversation
         self._busy: set[int] = set()  # channels told that their queue is full, until it drains
         self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
@@ -237,8 +237,8 @@ class PersonaBot:
         """After a new gateway session (the old one was invalidated), read what was said in the channels
         recently seen since their last message, and answer it as if it had arrived: nothing said during the
         gap goes unanswered. The first session of a client has nothing to catch up on."""
-        if id(client) not in self._sessions_started:
-            self._sessions_started.add(id(client))
+        if client not in self._sessions_started:
+            self._sessions_started.add(client)
             return
         for channel_id, last in list(self._last_seen.items()):
             channel = client.get_channel(channel_id)
