@@ -171,6 +171,21 @@ def test_connection_lost_mid_reply_is_not_retried(bundle):
     assert pieces == PIECES[:2] and attempts == 1
 
 
+def test_errors_never_quote_credentials_in_the_base_url(bundle):
+    async def main():
+        engine = create_engine(openai("http://bob:hunter2@127.0.0.1:9/v1", request_retries=0))
+        await engine.load_adapter("brine", bundle)
+        try:
+            with pytest.raises(EngineError) as info:
+                await engine.complete("brine", HELLO)
+        finally:
+            await engine.close()
+        return str(info.value)
+
+    error = run(main())
+    assert error.startswith("http://***@127.0.0.1:9/v1/chat/completions (model 'brine')") and "hunter2" not in error
+
+
 def test_unreachable_server_is_retried_then_named(bundle):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

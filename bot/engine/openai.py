@@ -26,6 +26,7 @@ import aiohttp
 from finetune.bundle import BundleError, Manifest, Sampling, load_manifest
 from finetune.prompt import with_system_prompt
 
+from ..redact import redact
 from .base import Engine, EngineError
 from .config import EngineConfig
 from .context import fit_messages, prompt_budget
@@ -76,7 +77,7 @@ class OpenAIEngine(Engine):
         if self._base_model and self._base_model not in (manifest.base_model, manifest.base_model_spec):
             raise EngineError(
                 f"adapter '{name}': {bundle_dir}: trained on base model '{manifest.base_model}', "
-                f"but {self.url} serves '{self._base_model}'"
+                f"but {redact(self.url)} serves '{self._base_model}'"
             )
         tokenizer = None
         if self._max_context:
@@ -130,7 +131,7 @@ class OpenAIEngine(Engine):
         entry = self._entry(adapter)
         params = sampling or entry.manifest.sampling
         body = self._body(adapter, await self._messages(adapter, entry, messages, params), params)
-        where = f"{self._endpoint} (model '{adapter}')"
+        where = f"{redact(self._endpoint)} (model '{adapter}')"  # errors quote it: no credentials
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         self.active_requests += 1
