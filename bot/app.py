@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 TOPIC_CHARS = 300
 CATCH_UP_CHANNELS, CATCH_UP_MESSAGES = 50, 50
 """After a new gateway session: how many recently active channels are read, how far."""
+LAG_WAIT = 5.0
+"""Seconds a message waits for a persona's client that has not yet heard of its channel to see it too."""
 _HOST_PATH = re.compile(r"(?<![\w.<:/~])~?/(?:[^\s/`'\"]+/)+[^\s/`'\",:;)]*")
 """An absolute (or ~) path of two segments or more: ``/srv/bots/x``, not ``/persona``."""
 
@@ -90,6 +92,7 @@ class PersonaBot:
         self._starters: dict[int, int] = {}  # channel -> who started its conversation
         self._busy: set[int] = set()  # channels told that their queue is full, until it drains
         self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
+        self._awaited: dict[tuple[int, BotClient], asyncio.Event] = {}  # (message, lagging client) -> seen by it
         self._build_clients()
 
     def _build_clients(self) -> None:
@@ -264,6 +267,8 @@ class PersonaBot:
         personas at once. Each client delivers a channel's messages in order, so first sightings are in
         channel order too: the per-channel queue then answers in that order, once.
         """
+        if (seen := self._awaited.get((message.id, client))) is not None:
+            seen.set()
         if not self._first_sighting(message.id):
             return
         channel_id = message.channel.id
@@ -280,13 +285,29 @@ class PersonaBot:
                   and not (session is not None and session.active)):  # not command answers, nor /converse turns
                 self.queues.submit(channel_id, partial(self._group_turn, message))
         ref = message.reference
-        if ref is not None and ref.message_id is not None and ref.resolved is None and _human(message):
+        unresolved = ref is not None and ref.message_id is not None and ref.resolved is None and _human(message)
+        if unresolved:
             ref.resolved = ref.cached_message  # Discord may leave referenced_message out
-            if ref.resolved is None:  # look it up in the channel's turn, so replies keep their order
-                self.queues.submit(channel_id, partial(self._answer_once_resolved, client, message))
-                return
+            unresolved = ref.resolved is None
+        lagging = self._lagging(client, message)
+        if unresolved or lagging:  # decide in the channel's turn, so replies keep their order
+            for other in lagging:
+                self._awaited[(message.id, other)] = asyncio.Event()
+            self.queues.submit(channel_id, partial(self._answer_later, client, message, lagging))
+            return
         for voice in self._route(client, message):
             self._queue(voice, message)
+
+    def _lagging(self, client: BotClient, message: discord.Message) -> list[BotClient]:
+        """The other clients in ``message``'s server that have not heard of its channel yet, though a persona
+        of theirs may be asked (each client reads its own gateway, and one may be behind another)."""
+        if message.guild is None or not _human(message):
+            return []
+        places = _places(message.channel)
+        return list({v.client: None for v in self.voices if v.client is not client
+                     and v.client.get_channel(message.channel.id) is None
+                     and v.client.get_guild(message.guild.id) is not None
+                     and (v.addressed(message) or places & set(v.persona.channels))})
 
     def _queue(self, voice: Voice, message: discord.Message) -> None:
         """Queue ``voice``'s answer, unless the channel already has ``QUEUE_LIMIT`` waiting: then the message
@@ -337,16 +358,24 @@ class PersonaBot:
             self.stop_replies(message.channel.id, session)  # its turn only: other replies here are not part of it
         return wanted
 
-    async def _answer_once_resolved(self, client: BotClient, message: discord.Message) -> None:
-        """Fetch the message ``message`` replies to (Discord sent only its id), then answer as usual."""
+    async def _answer_later(self, client: BotClient, message: discord.Message, lagging: list[BotClient]) -> None:
+        """Fetch the message ``message`` replies to if Discord sent only its id, and wait (up to LAG_WAIT) for
+        the ``lagging`` clients to see ``message`` too; then answer as usual."""
         ref = message.reference
-        assert ref is not None and ref.message_id is not None
-        where = f"the message replied to in channel {message.channel.id}"
+        where = f"message {message.id} in channel {message.channel.id}"
+        if ref is not None and ref.message_id is not None and ref.resolved is None:
+            try:
+                ref.resolved = await persist(lambda: message.channel.fetch_message(ref.message_id),
+                                             f"the message replied to by {where}", self.settings.delivery_deadline)
+            except discord.HTTPException as exc:  # deleted or hidden: it is a plain message then
+                log.info("the message replied to by %s: %s", where, exc)
         try:
-            ref.resolved = await persist(lambda: message.channel.fetch_message(ref.message_id), where,
-                                         self.settings.delivery_deadline)
-        except discord.HTTPException as exc:  # deleted or hidden: it is a plain message then
-            log.info("%s: %s", where, exc)
+            await asyncio.wait_for(asyncio.gather(*(self._awaited[(message.id, c)].wait() for c in lagging)), LAG_WAIT)
+        except asyncio.TimeoutError:
+            log.info("%s: not every client saw it within %s s; answering with those that did", where, LAG_WAIT)
+        finally:
+            for other in lagging:
+                del self._awaited[(message.id, other)]
         for voice in self._route(client, message):
             try:
                 await self.answer(voice, message)

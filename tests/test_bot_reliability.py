@@ -206,3 +206,25 @@ async def test_what_was_said_while_a_session_was_invalidated_is_answered(tmp_pat
         await h.reply_text(missed, "[brine-v1] Alice: @Brine during the gap", timeout=10)
         await h.settled()
         assert len(h.replies(seen)) == 1, "what was answered before is not answered again"
+
+
+@async_test
+async def test_a_persona_whose_client_lags_still_answers_in_a_new_channel(tmp_path):
+    """Every client sees every message and the first sighting decides; when it comes through Brine's client
+    before Coral's has heard of the channel, Coral is still asked (found by the 200-message load test)."""
+    async with running(tmp_path) as h:
+        coral = h.fake.gateway.live[h.bots["Coral"].id].pipe
+        held: list[dict] = []
+        coral.put = held.append  # type: ignore[method-assign]  # Coral's gateway falls behind
+        room = h.fake.add_channel("new-room")
+        ask = h.fake.post(h.alice, room, f"{h.bots['Coral'].mention} hello")
+        after = h.fake.post(h.alice, room, f"{h.bots['Brine'].mention} and you?")
+        await asyncio.sleep(0.3)  # Brine's client sights both first
+        del coral.put
+        for frame in held:
+            coral.put(frame)
+        reply = await h.reply_text(ask, "[coral-v1] Alice: @Coral hello")
+        await h.fake.wait_for(lambda: h.replies(after))
+        answered = [m["message_reference"]["message_id"] for m in room.messages if "message_reference" in m]
+        assert answered == [ask["id"], after["id"]], "in the order asked"
+        assert reply["author"]["id"] == str(h.bots["Coral"].id)
