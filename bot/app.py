@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict, deque
+import re
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -14,15 +15,18 @@ import discord
 
 from finetune.bundle import BundleError, Manifest, Sampling
 
-from . import buttons
+from . import buttons, permissions
+from .backlog import Backlog
+from .bundles import hide_paths, resolve_bundle
 from .client import BotClient
-from .commands import register
+from .commands import by_admin, register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
 from .converse import ConverseSession
+from .delivery import persist
 from .engine.base import Engine, EngineError
 from .errors import CommandError
 from .group import GroupChats, named
-from .history import CHAT_TYPES, gather, to_messages, window_start
+from .history import CHAT_TYPES, Speakers, to_messages, window_start
 from .memory import Memory, block, clean_note, note_prompt
 from .prompt import assemble
 from .queues import ChannelQueues
@@ -31,6 +35,13 @@ from .streaming import EditLimiter, ReplyStream, ReplyTarget
 from .voices import BotVoice, Voice, WebhookVoice, Webhooks
 
 log = logging.getLogger(__name__)
+TOPIC_CHARS = 300
+CATCH_UP_CHANNELS, CATCH_UP_MESSAGES = 50, 50
+"""After a new gateway session: how many recently active channels are read, how far."""
+LAG_WAIT = 5.0
+"""Seconds a message waits for a persona's client that has not yet heard of its channel to see it too."""
+_HOST_PATH = re.compile(r"(?<![\w.<:/~])~?/(?:[^\s/`'\"]+/)+[^\s/`'\",:;)]*")
+"""An absolute (or ~) path of two segments or more: ``/srv/bots/x``, not ``/persona``."""
 
 
 class StartupError(RuntimeError):
@@ -49,6 +60,7 @@ class PersonaBot:
         self._engine = engine
         self.limiter = EditLimiter(settings.edit_interval, settings.edits_per_second)
         self.queues = ChannelQueues()
+        self.backlog = Backlog()
         self.sessions: dict[int, ConverseSession] = {}
         try:
             self.state = State(settings.state_db)
@@ -74,6 +86,13 @@ class PersonaBot:
         self._tasks: set[asyncio.Task] = set()
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque(maxlen=10_000)
+        self._webhooks: list[Webhooks] = []  # of the clients that post as webhook personas
+        self._last_seen: OrderedDict[int, int] = OrderedDict()  # channel -> its newest message seen
+        self._sessions_started: set[BotClient] = set()  # clients past their first gateway session
+        self._starters: dict[int, int] = {}  # channel -> who started its conversation
+        self._busy: set[int] = set()  # channels told that their queue is full, until it drains
+        self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
+        self._awaited: dict[tuple[int, BotClient], asyncio.Event] = {}  # (message, lagging client) -> seen by it
         self._build_clients()
 
     def _build_clients(self) -> None:
@@ -89,10 +108,13 @@ class PersonaBot:
             voices: list[Voice] = []  # this client's personas, filled once the client they speak through exists
             client = BotClient(
                 token, self._label(personas), on_message=self.on_message, on_edit=self._revise,
-                on_delete=self._forget, on_button=self.press, add_commands=partial(register, app=self, voices=voices),
+                on_delete=self._forget, on_button=self.press, on_new_session=self._catch_up,
+                add_commands=partial(register, app=self, voices=voices),
                 command_guilds=self.settings.command_guilds, **self._client_options,
             )
             webhooks = Webhooks(client)
+            if any(p.webhook for p in personas):
+                self._webhooks.append(webhooks)
             voices += [BotVoice(p, client) if not p.webhook else WebhookVoice(p, client, webhooks) for p in personas]
             self.clients.append(client)
             self.voices += voices
@@ -130,20 +152,30 @@ class PersonaBot:
         for client in self.clients:
             client.connection = asyncio.create_task(client.connect(), name=f"gateway {client.label}")
         await asyncio.gather(*(self._until_ready(c) for c in self.clients))
+        await asyncio.gather(*(w.discover() for w in self._webhooks))
+        for voice in self.voices:
+            for guild in voice.client.guilds:
+                if missing := permissions.lacking(guild.me.guild_permissions, voice.persona.webhook):
+                    log.warning("persona %s in server %r (%s): the bot's role lacks %s; %s", voice.name,
+                                guild.name, guild.id, ", ".join(missing), permissions.FIX)
         log.info("ready: %s", ", ".join(v.name for v in self.voices))
         for record in interrupted:
             await self._say_interrupted(record)
 
     async def _restore(self) -> list[SessionRecord]:
-        """What the last run was told to keep: swaps the owner asked to keep serve again (a bundle that no
-        longer loads is logged and the personas file's serves); conversations cut off by the shutdown are
-        marked interrupted, and returned so the channels can be told once connected."""
+        """What the last run was told to keep: swaps the owner asked to keep serve again (a bundle that is no
+        longer inside ADAPTERS_DIR, or no longer loads, is logged and the personas file's serves);
+        conversations cut off by the shutdown are marked interrupted, and returned so the channels can be
+        told once connected."""
         for name, bundle in (await self.state.run(self.state.swaps)).items():
             voice = self.voice(name)
             if voice is None:
                 continue
             try:
-                await self.engine.load_adapter(voice.name, Path(bundle))
+                await self.engine.load_adapter(voice.name, self._kept_bundle(Path(bundle)))
+            except CommandError as exc:
+                log.error("persona %s: the kept swap to %s is refused (%s); serving %s", voice.name, bundle, exc,
+                          voice.persona.adapter)
             except (EngineError, BundleError, OSError) as exc:
                 log.error("persona %s: the kept swap to %s no longer loads (%s); serving %s", voice.name, bundle,
                           exc, voice.persona.adapter)
@@ -152,6 +184,14 @@ class PersonaBot:
             log.warning("conversation %d in channel %s (%s) was interrupted by the restart after %d of %d turns",
                         record.id, record.channel_id, " and ".join(record.personas), record.spoken, record.turns)
         return interrupted
+
+    def _kept_bundle(self, path: Path) -> Path:
+        """A kept swap's bundle, checked as /persona swap checks a name: the database may be older than
+        ADAPTERS_DIR's current setting, or have been written by hand."""
+        root = self.settings.adapters_dir.expanduser().resolve()
+        if not path.is_absolute() or not path.is_relative_to(root):
+            raise CommandError(f"not inside ADAPTERS_DIR {root}")
+        return resolve_bundle(root, path.relative_to(root).as_posix())
 
     async def _say_interrupted(self, record: SessionRecord) -> None:
         """Tell the channel a conversation it was promised did not finish (people saw it stop mid-way)."""
@@ -220,31 +260,127 @@ class PersonaBot:
     # who answers what
 
     def on_message(self, client: BotClient, message: discord.Message) -> None:
-        """Queue a reply from every persona that should answer ``message``.
+        """Queue a reply from every persona that should answer ``message``; keep it for memory; let group chat
+        see it.
 
         Every client sees every guild message; only its first sighting counts, and the decision covers all
         personas at once. Each client delivers a channel's messages in order, so first sightings are in
         channel order too: the per-channel queue then answers in that order, once.
         """
+        if (seen := self._awaited.get((message.id, client))) is not None:
+            seen.set()
         if not self._first_sighting(message.id):
             return
         channel_id = message.channel.id
-        wanted = [v for v in self.voices if self.wants(v, message, client)]
-        session = self.sessions.get(channel_id)
-        if session is not None and session.active and _human(message):
-            if not wanted:  # a human interrupting a conversation always gets an answer
-                wanted = [session.next_speaker]
-            session.stop("interrupted")
-            self.stop_replies(channel_id)
+        self._last_seen[channel_id] = max(message.id, self._last_seen.get(channel_id, 0))
+        self._last_seen.move_to_end(channel_id)
+        while len(self._last_seen) > CATCH_UP_CHANNELS:
+            self._last_seen.popitem(last=False)
         self._remember(message)
         if self.settings_for(channel_id).group_chat:
+            session = self.sessions.get(channel_id)
             if _human(message):
                 self.group.human(channel_id)
             elif (message.type in CHAT_TYPES and any(v.owns(message) for v in self.voices)
                   and not (session is not None and session.active)):  # not command answers, nor /converse turns
                 self.queues.submit(channel_id, partial(self._group_turn, message))
-        for voice in wanted:
+        ref = message.reference
+        unresolved = ref is not None and ref.message_id is not None and ref.resolved is None and _human(message)
+        if unresolved:
+            ref.resolved = ref.cached_message  # Discord may leave referenced_message out
+            unresolved = ref.resolved is None
+        lagging = self._lagging(client, message)
+        if unresolved or lagging:  # decide in the channel's turn, so replies keep their order
+            for other in lagging:
+                self._awaited[(message.id, other)] = asyncio.Event()
+            self.queues.submit(channel_id, partial(self._answer_later, client, message, lagging))
+            return
+        for voice in self._route(client, message):
+            self._queue(voice, message)
+
+    def _lagging(self, client: BotClient, message: discord.Message) -> list[BotClient]:
+        """The other clients in ``message``'s server that have not heard of its channel yet, though a persona
+        of theirs may be asked (each client reads its own gateway, and one may be behind another)."""
+        if message.guild is None or not _human(message):
+            return []
+        places = _places(message.channel)
+        return list({v.client: None for v in self.voices if v.client is not client
+                     and v.client.get_channel(message.channel.id) is None
+                     and v.client.get_guild(message.guild.id) is not None
+                     and (v.addressed(message) or places & set(v.persona.channels))})
+
+    def _queue(self, voice: Voice, message: discord.Message) -> None:
+        """Queue ``voice``'s answer, unless the channel already has ``QUEUE_LIMIT`` waiting: then the message
+        is skipped, and the channel is told so once until its queue drains."""
+        channel_id = message.channel.id
+        waiting = self.queues.depth(channel_id)
+        if waiting < self.settings.queue_limit:
+            if not waiting:
+                self._busy.discard(channel_id)
             self.queues.submit(channel_id, partial(self.answer, voice, message))
+            return
+        log.warning("channel %s: %d replies waiting; skipping message %s", channel_id, waiting, message.id)
+        if channel_id not in self._busy and (channel := voice.client.get_channel(channel_id)) is not None:
+            self._busy.add(channel_id)
+            note = (f"⏳ Busy: {waiting} messages here are waiting for an answer, so I am skipping new ones for "
+                    "a moment. Ask again once these are answered.")
+            self._background(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
+                                     self.settings.delivery_deadline))
+
+    async def _catch_up(self, client: BotClient) -> None:
+        """After a new gateway session (the old one was invalidated), read what was said in the channels
+        recently seen since their last message, and answer it as if it had arrived: nothing said during the
+        gap goes unanswered. The first session of a client has nothing to catch up on."""
+        if client not in self._sessions_started:
+            self._sessions_started.add(client)
+            return
+        for channel_id, last in list(self._last_seen.items()):
+            channel = client.get_channel(channel_id)
+            if channel is None or not isinstance(channel, discord.abc.Messageable):
+                continue
+            where = f"catching up in channel {channel_id}"
+            try:
+                missed = await persist(lambda: _history_after(channel, last), where, self.settings.delivery_deadline)
+            except discord.HTTPException as exc:
+                log.warning("%s: %s", where, exc)
+                continue
+            for message in missed:
+                self.on_message(client, message)
+
+    def _route(self, client: BotClient, message: discord.Message) -> list[Voice]:
+        """The personas that answer ``message``; a human writing stops the channel's conversation."""
+        wanted = [v for v in self.voices if self.wants(v, message, client)]
+        session = self.sessions.get(message.channel.id)
+        if session is not None and session.active and _human(message):
+            if not wanted:  # a human interrupting a conversation always gets an answer
+                wanted = [session.next_speaker]
+            session.stop("interrupted")
+            self.stop_replies(message.channel.id, session)  # its turn only: other replies here are not part of it
+        return wanted
+
+    async def _answer_later(self, client: BotClient, message: discord.Message, lagging: list[BotClient]) -> None:
+        """Fetch the message ``message`` replies to if Discord sent only its id, and wait (up to LAG_WAIT) for
+        the ``lagging`` clients to see ``message`` too; then answer as usual."""
+        ref = message.reference
+        where = f"message {message.id} in channel {message.channel.id}"
+        if ref is not None and ref.message_id is not None and ref.resolved is None:
+            try:
+                ref.resolved = await persist(lambda: message.channel.fetch_message(ref.message_id),
+                                             f"the message replied to by {where}", self.settings.delivery_deadline)
+            except discord.HTTPException as exc:  # deleted or hidden: it is a plain message then
+                log.info("the message replied to by %s: %s", where, exc)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._awaited[(message.id, c)].wait() for c in lagging)), LAG_WAIT)
+        except asyncio.TimeoutError:
+            log.info("%s: not every client saw it within %s s; answering with those that did", where, LAG_WAIT)
+        finally:
+            for other in lagging:
+                del self._awaited[(message.id, other)]
+        for voice in self._route(client, message):
+            try:
+                await self.answer(voice, message)
+            except Exception:
+                log.exception("%s: %s failed to answer", where, voice.name)
 
     def _first_sighting(self, message_id: int) -> bool:
         if message_id in self._seen:
@@ -259,15 +395,18 @@ class PersonaBot:
         """Answer humans who mention or reply to the persona, DM it, or write in its own channels."""
         if not _human(message) or message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return False
-        if message.guild is None:
-            return voice.can_dm and voice.client is client
+        if message.guild is None:  # DMs carry no roles: a role allow list refuses them, a user one still matches
+            return voice.can_dm and voice.client is client and _permits(voice, message.author, message.channel)
         if voice.client.get_channel(message.channel.id) is None or not _permits(voice, message.author, message.channel):
             return False
         return voice.addressed(message) or bool(_places(message.channel) & set(voice.persona.channels))
 
     async def answer(self, voice: Voice, message: discord.Message) -> str:
         """``voice`` replies to ``message`` (which may have come through another persona's client)."""
-        turns, context = await self._prompt(voice, message)
+        prompt = await self._prompt(voice, message)
+        if prompt is None:
+            return ""
+        turns, context = prompt
         if message.guild is None:  # a DM: plain messages, no quote-reply
             channel, reply_to = message.channel, None
         else:
@@ -277,38 +416,80 @@ class PersonaBot:
             self._background(self._offer(voice, channel, stream, message))  # type: ignore[arg-type]
         return stream.text
 
-    async def _prompt(self, voice: Voice, message: discord.Message) -> tuple[list[dict[str, str]], list[str]]:
-        """The conversation turns and the system context for ``voice``'s reply to ``message``."""
+    async def _prompt(self, voice: Voice, message: discord.Message) -> tuple[list[dict[str, str]], list[str]] | None:
+        """The conversation turns and the system context for ``voice``'s reply to ``message``; None when the
+        bot lacks what ``voice`` needs in the channel (said there, see ``_allowed_here``)."""
         channel_id, limit, chars = message.channel.id, self.settings.history_messages, self.settings.history_chars
+        if message.guild is not None and not await self._allowed_here(voice, voice.client.get_channel(channel_id)):
+            return None
         reset = self.resets.get(channel_id)
         if message.reference is None:  # channel history: a window whose start moves in jumps (see window_start)
             floor = max(reset or 0, self.windows.get(channel_id, 0)) or None
-            history = await gather(message, limit + 1, floor)  # one more than fits shows that the window is full
-            start = window_start(history, voice.owns, max_messages=limit, max_chars=chars)
+            history = await self._gather(voice, message, limit + 1, floor)  # one more than fits: the window is full
+            speakers = self.speakers(voice).learn(history)
+            start = window_start(history, speakers, max_messages=limit, max_chars=chars)
             if start and history[start - 1].id != self.windows.get(channel_id):
                 self.windows[channel_id] = history[start - 1].id
                 self._background(self.state.run(self.state.set_window, channel_id, history[start - 1].id))
             history = history[start:]
         else:
-            history = await gather(message, limit, reset)
-        turns = to_messages(history, voice.owns, max_messages=limit, max_chars=chars)
+            history = await self._gather(voice, message, limit, reset)
+            speakers = self.speakers(voice).learn(history)
+        turns = to_messages(history, speakers, max_messages=limit, max_chars=chars)
         return turns, [await self._recall(voice, message, history)]
+
+    async def _allowed_here(self, voice: Voice, channel: Any) -> bool:
+        """Whether the bot holds what ``voice`` needs in ``channel``; if not, says what is missing, in the log
+        and (where it may still write) in the channel, once until that changes."""
+        missing = permissions.in_channel(channel, voice.persona.webhook)
+        key = (voice.name, channel.id)
+        if not missing:
+            self._told.pop(key, None)
+            return True
+        if self._told.get(key) != missing:
+            self._told[key] = missing
+            note = f"⚠️ **{voice.name}** cannot answer here: the bot lacks {', '.join(missing)}; {permissions.FIX}."
+            log.warning("channel %s: %s", channel.id, note)
+            granted = channel.permissions_for(channel.guild.me)
+            if granted.view_channel and (granted.send_messages_in_threads if isinstance(channel, discord.Thread)
+                                         else granted.send_messages):
+                await persist(lambda: channel.send(note), f"a note in channel {channel.id}",
+                              self.settings.delivery_deadline)
+        return False
+
+    async def _gather(self, voice: Voice, message: discord.Message, limit: int,
+                      after: int | None) -> list[discord.Message]:
+        where = f"history for a reply in channel {message.channel.id}"
+        return await persist(lambda: self.backlog.history(voice.client, message, limit, after), where,
+                             self.settings.delivery_deadline)
+
+    def speakers(self, voice: Voice | None) -> Speakers:
+        """How ``voice``'s prompt names who said what: its own messages, the other personas, everyone else."""
+        return Speakers(
+            owns=voice.owns if voice is not None else lambda message: False,
+            persona_of=lambda message: next((v.name for v in self.voices if v is not voice and v.owns(message)), None),
+            personas=frozenset(v.name.casefold() for v in self.voices),
+        )
 
     async def reply(
         self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]],
         reply_to: discord.Message | None = None, context: list[str] | None = None,
+        session: ConverseSession | None = None,
     ) -> str:
-        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel``; returns its text."""
-        return (await self._streamed(voice, channel, turns, reply_to=reply_to, context=context)).text
+        """Stream ``voice``'s reply to the conversation ``turns`` into ``channel`` (as ``session``'s turn when
+        given); returns its text."""
+        return (await self._streamed(voice, channel, turns, reply_to=reply_to, context=context,
+                                     session=session)).text
 
     async def _streamed(
         self, voice: Voice, channel: discord.abc.Messageable, turns: list[dict[str, str]], *,
         reply_to: discord.Message | None = None, context: list[str] | None = None,
-        target: ReplyTarget | None = None, prefix: str = "",
+        target: ReplyTarget | None = None, prefix: str = "", session: ConverseSession | None = None,
     ) -> ReplyStream:
         """Every reply (channel messages, /converse turns, regenerated and continued replies) reaches the
         engine through ``prompt.assemble`` here, with the channel's sampling settings. ``target`` overrides
-        where it is written, ``prefix`` is text the reply starts with (a continued reply's)."""
+        where it is written, ``prefix`` is text the reply starts with (a continued reply's); a ``session``'s
+        turns are tracked as its own, so a human interrupting it stops only them."""
         try:
             card = self.engine.manifest(voice.persona.name).card
         except EngineError:  # not loaded: the stream below reports it as for any reply
@@ -317,14 +498,18 @@ class PersonaBot:
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
             target or await voice.reply_target(channel, reply_to), self.limiter, channel_id,
-            placeholder_after=self.settings.placeholder_after,
+            placeholder_after=self.settings.placeholder_after, timeout=self.settings.generation_timeout,
+            deadline=self.settings.delivery_deadline,
         )
         self.streams[channel_id].add(stream)
+        owned = session.streams if session is not None else set()
+        owned.add(stream)
         try:
             pieces = self.engine.stream(voice.persona.name, messages, self.sampling(voice, channel_id))
             await stream.run(_prefixed(prefix, pieces) if prefix else pieces)
             return stream
         finally:
+            owned.discard(stream)
             self.streams[channel_id].discard(stream)
             if not self.streams[channel_id]:
                 del self.streams[channel_id]
@@ -335,22 +520,41 @@ class PersonaBot:
         return next((v for v in self.voices if v.name.lower() == name.strip().lower()), None)
 
     async def swap(self, voice: Voice, adapter: str, keep: bool = False, by_user: int = 0) -> Manifest:
-        """Serve another bundle for ``voice``; on any error the old adapter keeps serving. ``keep``: serve it
-        after a restart too (written before this returns, so what the owner is told is what a restart does);
-        without it a restart serves the personas file's bundle again."""
-        path = Path(adapter).expanduser()
-        if not path.exists() and not path.is_absolute():
-            path = self.settings.adapters_dir / adapter
-        manifest = await self.engine.load_adapter(voice.name, path.resolve())
+        """Serve the bundle named ``adapter`` inside ADAPTERS_DIR for ``voice``; on any error (a CommandError
+        that names no host path) the old adapter keeps serving. ``keep``: serve it after a restart too
+        (written before this returns, so what the owner is told is what a restart does); without it a restart
+        serves the personas file's bundle again."""
+        path = resolve_bundle(self.settings.adapters_dir, adapter)
+        try:
+            manifest = await self.engine.load_adapter(voice.name, path)
+        except (EngineError, BundleError) as exc:
+            log.warning("persona %s: cannot load %s: %s", voice.name, path, exc)
+            raise CommandError(self.public(str(exc))) from exc
         if keep:
-            await self.state.run(self.state.keep_swap, voice.name, str(path.resolve()), by_user)
+            await self.state.run(self.state.keep_swap, voice.name, str(path), by_user)
         else:
             await self.state.run(self.state.drop_swap, voice.name)
         log.info("persona %s now serves %s (%s)%s", voice.name, manifest.name, path, ", kept" if keep else "")
         return manifest
 
-    def stop_replies(self, channel_id: int) -> int:
-        streams = list(self.streams.get(channel_id, ()))
+    async def reload(self, voice: Voice) -> Manifest:
+        """Re-read ``voice``'s bundle from disk; on any error the loaded adapter keeps serving."""
+        try:
+            return await self.engine.reload_adapter(voice.name)
+        except (EngineError, BundleError) as exc:
+            log.warning("persona %s: cannot reload: %s", voice.name, exc)
+            raise CommandError(self.public(str(exc))) from exc
+
+    def public(self, text: str) -> str:
+        """``text`` fit to show in Discord: ADAPTERS_DIR and the personas' bundle folders by name, any other
+        host path hidden."""
+        known = [(self.settings.adapters_dir.expanduser().resolve(), "ADAPTERS_DIR"),
+                 *((Path(p.adapter).resolve(), f"{p.name}'s bundle") for p in self.personas)]
+        return _HOST_PATH.sub("<path>", hide_paths(text, *known))
+
+    def stop_replies(self, channel_id: int, session: ConverseSession | None = None) -> int:
+        """Stop the replies streaming in the channel (only ``session``'s turns when it is given)."""
+        streams = [s for s in self.streams.get(channel_id, ()) if session is None or s in session.streams]
         for stream in streams:
             stream.stop()
         return len(streams)
@@ -377,6 +581,8 @@ class PersonaBot:
         user: discord.abc.User,
     ) -> ConverseSession:
         """/converse: start a bot-to-bot conversation in ``channel``; at most one runs per channel."""
+        if len(topic) > TOPIC_CHARS:  # it is quoted in the announcement, which must fit one message
+            raise CommandError(f"the topic is {len(topic)} characters long; keep it under {TOPIC_CHARS}")
         voices = []
         for name in names:
             voice = self.voice(name)
@@ -392,17 +598,30 @@ class PersonaBot:
         current = self.sessions.get(channel.id)  # type: ignore[attr-defined]
         if current is not None and current.active:
             raise CommandError("a conversation is already running here; /stop it first")
+        mine = sum(1 for c, starter in self._starters.items() if starter == user.id and c in self.sessions)
+        if mine >= self.settings.converse_per_user:
+            raise CommandError(f"you already run {mine} conversation{'s' * (mine > 1)} (at most "
+                               f"{self.settings.converse_per_user} at once); /stop one first")
         session = ConverseSession(
             channel.id, voices, topic, min(turns or self.settings.converse_turns, self.settings.converse_max_turns),  # type: ignore[attr-defined]
-            cooldown=self.settings.converse_cooldown, started_by=getattr(user, "display_name", user.name),
+            cooldown=self.settings.converse_cooldown,
+            started_by=self.speakers(None).human(getattr(user, "display_name", user.name), user.name),
         )
         self.sessions[session.channel_id] = session
+        self._starters[session.channel_id] = user.id
         record = self.state.start_session(session.channel_id, [v.name for v in voices], topic, session.turns,
                                           session.started_by)  # one short insert, before the command answers
         task = asyncio.create_task(self._converse(session, record), name=f"converse-{session.channel_id}")
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(partial(self._ended, session))
         self._tasks.add(task)
         return session
+
+    def _ended(self, session: ConverseSession, task: asyncio.Task) -> None:
+        """A finished conversation is forgotten: memory does not grow with uptime."""
+        self._tasks.discard(task)
+        if self.sessions.get(session.channel_id) is session:
+            del self.sessions[session.channel_id]
+            self._starters.pop(session.channel_id, None)
 
     async def _converse(self, session: ConverseSession, record: int) -> None:
         """Run the session, keeping its progress in the state database; a shutdown mid-way leaves it
@@ -422,7 +641,7 @@ class PersonaBot:
             if not session.active:
                 return ""
             channel = voice.client.get_channel(session.channel_id)
-            return await self.reply(voice, channel, turns)  # type: ignore[arg-type]
+            return await self.reply(voice, channel, turns, session=session)  # type: ignore[arg-type]
 
         return await self.queues.submit(session.channel_id, turn)
 
@@ -549,9 +768,7 @@ class PersonaBot:
         if record is None or voice is None or voice.client is not client or channel is None:
             await interaction.response.send_message(buttons.STALE, ephemeral=True)
             return
-        admin = interaction.user.id in self.settings.owner_ids or (
-            interaction.guild_id is not None and interaction.permissions.manage_guild)
-        if interaction.user.id != record.asked_by and not admin:
+        if interaction.user.id != record.asked_by and not await by_admin(interaction, self.settings.owner_ids):
             await interaction.response.send_message(buttons.DENIED, ephemeral=True)
             return
         await interaction.response.defer()
@@ -569,7 +786,10 @@ class PersonaBot:
         except discord.HTTPException:
             log.info("the message reply %s answered is gone; nothing to regenerate", record.message_id)
             return
-        turns, context = await self._prompt(voice, source)
+        prompt = await self._prompt(voice, source)
+        if prompt is None:
+            return
+        turns, context = prompt
         shown, prefix = record.swipes[record.shown], ""
         if action == "more":
             turns, prefix = [*turns, {"role": "assistant", "content": shown}], shown.rstrip() + " "
@@ -593,6 +813,10 @@ async def _prefixed(prefix: str, pieces: AsyncIterator[str]) -> AsyncIterator[st
     yield prefix
     async for piece in pieces:
         yield piece
+
+
+async def _history_after(channel: discord.abc.Messageable, after: int) -> list[discord.Message]:
+    return [m async for m in channel.history(limit=CATCH_UP_MESSAGES, after=discord.Object(after), oldest_first=True)]
 
 
 def _places(channel: object) -> set[int]:

@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 
 from .config import ConfigError, PersonaSpec, Settings, load_engine_config, load_personas, load_settings, select
 from .engine import Engine, EngineError, create_engine
+from .redact import RedactingFilter, redact
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -27,10 +28,9 @@ PersonasFile = Annotated[Path | None, typer.Option(help="YAML/TOML personas file
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    handler = RichHandler(console=console, show_path=False)
+    handler.addFilter(RedactingFilter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
     logging.getLogger("discord").setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -43,7 +43,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, StartupError) as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {redact(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -23,16 +25,44 @@ def intents() -> discord.Intents:
     return value
 
 
+GLOBAL_PER_SECOND = 40
+"""Requests per second one token sends at most: well under Discord's global 50 (network jitter bunches
+arrivals), whose 429s count toward the invalid-request ban (10,000 in 10 minutes blocks the IP)."""
+
+
+class Pacer:
+    """A sliding one-second window over a token's REST requests, so a burst never reaches the global limit
+    (discord.py only reacts to a global 429, after the fact)."""
+
+    def __init__(self, per_second: int = GLOBAL_PER_SECOND) -> None:
+        self.per_second = per_second
+        self._sent: deque[float] = deque()
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            while self._sent and self._sent[0] <= now - 1.0:
+                self._sent.popleft()
+            if len(self._sent) < self.per_second:
+                self._sent.append(now)
+                return
+            await asyncio.sleep(self._sent[0] + 1.0 - now)
+
+
 class BotClient(discord.Client):
-    """Hands this token's messages to ``on_message`` and serves the slash commands ``add_commands`` puts in
-    its tree, synced globally or, when ``command_guilds`` are given, to those guilds (instantly visible)."""
+    """Hands this token's messages to ``on_message`` (their edits and deletions to ``on_edit`` and ``on_delete``,
+    reply-button presses to ``on_button``, each new gateway session to ``on_new_session``) and serves the slash
+    commands ``add_commands`` puts in its tree, synced globally or, when ``command_guilds`` are given, to those
+    guilds (instantly visible)."""
 
     def __init__(
         self, token: str, label: str, *, on_message: Callable[[BotClient, discord.Message], None],
         add_commands: Callable[[app_commands.CommandTree], None], command_guilds: Sequence[int] = (),
         on_edit: Callable[[discord.Message], None] = lambda message: None,
         on_delete: Callable[[set[int]], None] = lambda message_ids: None,
-        on_button: Callable[[BotClient, discord.Interaction], Awaitable[None]] | None = None, **options: Any,
+        on_button: Callable[[BotClient, discord.Interaction], Awaitable[None]] | None = None,
+        on_new_session: Callable[[BotClient], Awaitable[None]] | None = None,
+        **options: Any,
     ) -> None:
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # text only: no voice warnings
         super().__init__(intents=intents(), allowed_mentions=ALLOWED_MENTIONS, **options)
@@ -43,10 +73,20 @@ class BotClient(discord.Client):
         self._on_edit = on_edit
         self._on_delete = on_delete
         self._on_button = on_button
+        self._on_new_session = on_new_session
         self._add_commands = add_commands
         self._command_guilds = list(command_guilds)
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error
+        self.pacer = Pacer()
+        request = self.http.request
+
+        async def paced(route: discord.http.Route, **kwargs: Any) -> Any:
+            if not route.path.startswith("/interactions/"):  # exempt on Discord, and due within 3 s
+                await self.pacer.wait()
+            return await request(route, **kwargs)
+
+        self.http.request = paced  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
         self._add_commands(self.tree)
@@ -59,6 +99,11 @@ class BotClient(discord.Client):
 
     async def on_message(self, message: discord.Message) -> None:
         self._on_message(self, message)
+
+    async def on_ready(self) -> None:
+        """Every new gateway session (not a RESUME): what was said while it was down was never sent to it."""
+        if self._on_new_session is not None:
+            await self._on_new_session(self)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Button presses on reply messages (``bot.buttons`` ids); slash commands go through the tree."""

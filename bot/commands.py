@@ -6,14 +6,12 @@ Each command is a plain function in ``COMMANDS``, the one table Discord registra
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional, Protocol
 
 import discord
 from discord import app_commands
-
-from finetune.bundle import BundleError
 
 from .engine.base import EngineError
 from .errors import CommandError
@@ -42,6 +40,10 @@ class App(Protocol):
     def voice(self, name: str) -> Voice | None: ...
 
     async def swap(self, voice: Voice, adapter: str, keep: bool = False, by_user: int = 0) -> Manifest: ...
+
+    async def reload(self, voice: Voice) -> Manifest: ...
+
+    def public(self, text: str) -> str: ...
 
     def stop(self, channel_id: int) -> bool: ...
 
@@ -95,6 +97,27 @@ class Reply:
     private: bool = True
 
 
+async def by_owner(interaction: discord.Interaction, owner_ids: Collection[int]) -> bool:
+    """Whether the bot's owners did this: the OWNER_IDS users, and the application's owner or (for a
+    team-owned application) its accepted team members, as Discord reports them now. Server roles do not
+    count: a persona is the same in every server the bot is in, and anyone can invite a public bot."""
+    user = interaction.user.id
+    if user in owner_ids:
+        return True
+    info = await interaction.client.application_info()
+    if info.team is not None:
+        return any(m.id == user and m.membership_state == discord.TeamMembershipState.accepted
+                   for m in info.team.members)
+    return info.owner.id == user
+
+
+async def by_admin(interaction: discord.Interaction, owner_ids: Collection[int]) -> bool:
+    """Whether a server's admin (Manage Server there) or the bot's owners did this: for what changes only
+    this server or channel, never the persona everywhere."""
+    in_guild = interaction.guild_id is not None and interaction.permissions.manage_guild
+    return in_guild or await by_owner(interaction, owner_ids)
+
+
 @dataclass
 class Call:
     """One run of a command: the app, the personas of the client it ran on, and Discord's interaction."""
@@ -103,13 +126,11 @@ class Call:
     voices: list[Voice]
     interaction: discord.Interaction
 
-    @property
-    def admin(self) -> bool:
-        """Admins are members with Manage Server, and the OWNER_IDS users anywhere."""
-        interaction = self.interaction
-        return interaction.user.id in self.app.settings.owner_ids or (
-            interaction.guild_id is not None and interaction.permissions.manage_guild
-        )
+    async def by_owner(self) -> bool:
+        return await by_owner(self.interaction, self.app.settings.owner_ids)
+
+    async def by_admin(self) -> bool:
+        return await by_admin(self.interaction, self.app.settings.owner_ids)
 
     def persona(self, name: str | None) -> Voice:
         """The persona a command acts on: the one named, else this bot's only persona."""
@@ -136,12 +157,15 @@ Handler = Callable[..., Awaitable[Reply]]
 
 @dataclass(frozen=True)
 class Command:
-    """A slash command: ``name`` is ``"group sub"`` for a subcommand; ``admin`` ones need Manage Server."""
+    """A slash command: ``name`` is ``"group sub"`` for a subcommand; ``owner`` ones only the bot's owners
+    may run (they change a persona in every server, see ``by_owner``), ``admin`` ones also a server's members
+    with Manage Server (they change only that server or channel, see ``by_admin``)."""
 
     name: str
     description: str
     handler: Handler
     params: tuple[Param, ...] = ()
+    owner: bool = False
     admin: bool = False
 
     def __post_init__(self) -> None:
@@ -159,7 +183,9 @@ class Command:
         return " ".join([f"/{self.name}", *args])
 
 
-DENIED = "🚫 Only members with Manage Server (or the bot's owners) can do that."
+DENIED = ("🚫 Only the bot's owners can do that (OWNER_IDS, or the application's owner or team in the "
+          "Developer Portal): it changes the persona in every server.")
+DENIED_ADMIN = "🚫 Only members with Manage Server (or the bot's owners) can do that."
 PERSONA = Param("persona", "which persona (default: this bot's)", "persona", required=False)
 
 
@@ -167,9 +193,9 @@ async def list_personas(call: Call) -> Reply:
     lines = []
     for voice in call.app.voices:
         try:
-            served = f"`{call.app.engine.manifest(voice.name).name}` from `{call.app.engine.bundle_dir(voice.name)}`"
+            served = f"`{call.app.engine.manifest(voice.name).name}`"
         except EngineError as exc:  # not loaded: say why instead of failing the whole list
-            served = f"not loaded ({exc})"
+            served = f"not loaded ({call.app.public(str(exc))})"
         mode = "webhook" if voice.persona.webhook else "own account"
         channels = ", ".join(f"<#{c}>" for c in voice.persona.channels) or "none"
         lines.append(f"**{voice.name}** ({mode}): {served}; own channels: {channels}")
@@ -182,7 +208,7 @@ async def swap(call: Call, adapter: str, persona: str | None = None, keep: bool 
     await call.working()
     try:
         manifest = await call.app.swap(voice, adapter, keep=kept, by_user=call.interaction.user.id)
-    except (EngineError, BundleError) as exc:  # shown to the admin; the old adapter keeps serving
+    except CommandError as exc:  # shown to the owner, without host paths; the old adapter keeps serving
         return Reply(f"❌ {exc}\n**{voice.name}** keeps serving its current adapter.")
     after = "also after a restart" if kept else "until the bot restarts (`keep:yes` keeps it)"
     return Reply(f"✅ **{voice.name}** now serves `{manifest.name}`, {after}.")
@@ -192,8 +218,8 @@ async def reload(call: Call, persona: str | None = None) -> Reply:
     voice = call.persona(persona)
     await call.working()
     try:
-        manifest = await call.app.engine.reload_adapter(voice.name)
-    except (EngineError, BundleError) as exc:
+        manifest = await call.app.reload(voice)
+    except CommandError as exc:
         return Reply(f"❌ {exc}\n**{voice.name}** keeps serving the loaded adapter.")
     return Reply(f"🔄 **{voice.name}** reloaded `{manifest.name}`.")
 
@@ -275,11 +301,11 @@ async def memory_guild(call: Call, on: bool) -> Reply:
 GROUPS = {"persona": "The personas this bot serves", "memory": "What the personas remember"}
 COMMANDS: tuple[Command, ...] = (
     Command("persona list", "Personas, the adapters they serve, and their channels", list_personas),
-    Command("persona swap", "Serve another adapter bundle, live (Manage Server)", swap, (
-        Param("adapter", "bundle folder, or a bundle name under ADAPTERS_DIR"), PERSONA,
-        Param("keep", "serve it after a restart too", "flag", required=False)), admin=True),
-    Command("persona reload", "Re-read the persona's adapter bundle from disk (Manage Server)", reload,
-            (PERSONA,), admin=True),
+    Command("persona swap", "Serve another adapter bundle in every server, live (bot owners)", swap, (
+        Param("adapter", "a bundle's folder name inside ADAPTERS_DIR"), PERSONA,
+        Param("keep", "serve it after a restart too", "flag", required=False)), owner=True),
+    Command("persona reload", "Re-read the persona's adapter bundle from disk (bot owners)", reload,
+            (PERSONA,), owner=True),
     Command("converse", "Let two personas talk to each other here", converse, (
         Param("persona_a", "first speaker", "persona"), Param("persona_b", "second speaker", "persona"),
         Param("topic", "what they talk about", "text"),
@@ -320,7 +346,9 @@ def _callback(command: Command, app: App, voices: list[Voice]) -> Callable[..., 
     async def callback(interaction: discord.Interaction, **options: Any) -> None:
         call = Call(app, voices, interaction)
         try:
-            reply = await command.handler(call, **options) if call.admin or not command.admin else Reply(DENIED)
+            denied = (DENIED if command.owner and not await call.by_owner()
+                      else DENIED_ADMIN if command.admin and not await call.by_admin() else None)
+            reply = Reply(denied) if denied else await command.handler(call, **options)
         except CommandError as exc:
             reply = Reply(f"❓ {exc}")
         await call.send(reply)

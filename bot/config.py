@@ -48,11 +48,16 @@ class Settings(BaseSettings):
     edit_interval: float = Field(1.2, gt=0, description="seconds between writes to one channel")
     edits_per_second: float = Field(20.0, gt=0, description="writes per second across the whole process")
     placeholder_after: float = Field(0.8, ge=0, description="post '…' if no text has arrived by then")
+    generation_timeout: float = Field(120.0, gt=0, description="end a reply whose engine sends nothing this long")
+    delivery_deadline: float = Field(
+        120.0, gt=0, description="seconds a reply keeps retrying Discord's 429s and 5xx before it is logged lost")
     history_messages: int = Field(20, gt=0)
     history_chars: int = Field(6000, gt=0)
     converse_turns: int = Field(6, gt=0)
     converse_max_turns: int = Field(20, gt=0)
     converse_cooldown: float = Field(3.0, ge=0)
+    converse_per_user: int = Field(1, gt=0, description="conversations one user may run at once")
+    queue_limit: int = Field(5, gt=0, description="replies waiting per channel; more messages are skipped")
     reply_buttons: bool = Field(True, description="regenerate/continue buttons on each channel's latest reply")
     # state and memory (bot.state, bot.memory)
     state_db: Path = Field(Path("personabot.db"), description="the SQLite file resets, swaps, settings and memory "

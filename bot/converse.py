@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
+from .history import said
 from .voices import Voice
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ConverseSession:
         self.cooldown = cooldown
         self.started_by = started_by
         self.transcript: list[tuple[Voice, str]] = []
+        self.streams: set[object] = set()  # the ReplyStreams of its turns now being written
         self.reason = ""
         self._stopped = asyncio.Event()
 
@@ -48,15 +50,16 @@ class ConverseSession:
             self._stopped.set()
 
     def messages_for(self, voice: Voice) -> list[dict[str, str]]:
-        """The session so far from ``voice``'s side: its own lines are assistant turns."""
-        turns = [{"role": "user", "content": f"{self.started_by}: Let's talk about {self.topic}."}]
+        """The session so far from ``voice``'s side: its own lines are assistant turns, the others' are
+        labelled so that no line can pass for another speaker's (``history.said``)."""
+        turns = [{"role": "user", "content": said(self.started_by, f"Let's talk about {self.topic}.")}]
         for speaker, text in self.transcript:
             if speaker is voice:
                 turns.append({"role": "assistant", "content": text})
             elif turns[-1]["role"] == "user":
-                turns[-1]["content"] += f"\n{speaker.name}: {text}"
+                turns[-1]["content"] += "\n" + said(speaker.name, text)
             else:
-                turns.append({"role": "user", "content": f"{speaker.name}: {text}"})
+                turns.append({"role": "user", "content": said(speaker.name, text)})
         return turns
 
     async def run(self, speak: Speak) -> None:

@@ -32,6 +32,10 @@ class ChannelQueues:
             self._workers[channel_id] = asyncio.create_task(self._work(channel_id), name=f"channel-{channel_id}")
         return future
 
+    def depth(self, channel_id: int) -> int:
+        """Jobs waiting in the channel (not counting the one running)."""
+        return len(self._pending.get(channel_id, ()))
+
     @property
     def idle(self) -> bool:
         return not self._workers

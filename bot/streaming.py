@@ -4,15 +4,28 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
+
+import discord
+
+from .delivery import DeliveryError, persist
+from .redact import redact
 
 log = logging.getLogger(__name__)
 
 DISCORD_LIMIT = 2000
 PLACEHOLDER = "…"
+FAILED = "⚠️ Sorry, I could not finish this reply (the bot's log says why)."
+TIMED_OUT = "⚠️ Sorry, the model took too long; this reply ends here."
+EMPTY = "(no reply)"
+TYPING_AFTER = 0.2
+"""Seconds without text before 'is typing…' is shown: most replies start sooner, and each is a request."""
+STOPPED = "⏹️ (stopped)"
 
 
 class ReplyTarget(Protocol):
@@ -61,55 +74,97 @@ class EditLimiter:
 
 
 def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
-    """Cut text into messages of at most ``limit`` chars, at a line break, else a space, else anywhere.
+    """Cut text into messages of at most ``limit`` chars, at a line break, else a space, else anywhere but
+    inside a character an emoji modifier or joiner extends. A code block cut in two is closed at the end of
+    one message and reopened (with its language) at the start of the next, so both render as code.
 
     Only the first ``limit + 1`` chars decide each cut, so chunks already sent never change as text grows.
     """
     chunks: list[str] = []
-    rest = text.strip()
-    while len(rest) > limit:
-        window = rest[: limit + 1]
-        cut = window.rfind("\n")
-        if cut < limit // 2:
-            cut = window.rfind(" ")
-        if cut <= 0:
-            cut = limit
-        chunks.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
+    rest, opener = text.strip(), ""
+    while len(opener) + len(rest) > limit:
+        room = limit - len(opener)
+        chunk = opener + rest[:_cut(rest, room)].rstrip()
+        if _open_fence(chunk) is not None:  # leave room to close it
+            chunk = opener + rest[:_cut(rest, room - len(FENCE_CLOSE))].rstrip()
+        fence = _open_fence(chunk)
+        body = len(chunk) - len(opener)
+        rest = rest[body:].lstrip()
+        chunks.append(chunk + FENCE_CLOSE if fence is not None else chunk)
+        opener = f"```{fence}\n" if fence is not None else ""
     if rest:
-        chunks.append(rest)
+        chunks.append(opener + rest)
     return chunks
 
 
+FENCE_CLOSE = "\n```"
+_EXTENDS = re.compile("[\u200d\ufe0e\ufe0f\U0001f3fb-\U0001f3ff\U000e0020-\U000e007f\u20e3]")
+"""Joiner, variation selectors, skin tones, tag characters, keycap: they belong to the character before."""
+
+
+def _cut(rest: str, room: int) -> int:
+    window = rest[: room + 1]
+    cut = window.rfind("\n")
+    if cut < room // 2:
+        cut = window.rfind(" ")
+    if cut <= 0:
+        cut = room
+        while 0 < cut < len(rest) and (_EXTENDS.match(rest[cut]) or rest[cut - 1] == "\u200d"
+                                       or unicodedata.combining(rest[cut])):
+            cut -= 1
+        cut = cut or room
+    return cut
+
+
+def _open_fence(chunk: str) -> str | None:
+    """The language of a code block ``chunk`` leaves open ("" for none), or None when all are closed."""
+    fences = chunk.split("```")
+    if len(fences) % 2:
+        return None
+    return re.match(r"[\w+#.-]*", fences[-1]).group(0)
+
+
 class ReplyStream:
-    """Mirror a growing text into Discord messages; ``stop()`` ends it early, keeping what was written."""
+    """Mirror a growing text into Discord messages; ``stop()`` ends it early, keeping what was written.
+
+    Every reply ends visibly: with its text, or a note when the engine failed, fell silent for ``timeout``
+    seconds, said nothing, or was stopped before it said anything. Writes Discord refuses (429, 5xx) are
+    retried for ``deadline`` seconds; an edit that still fails is posted as a new message instead.
+    """
 
     def __init__(
         self, target: ReplyTarget, limiter: EditLimiter, channel_id: int, *, placeholder_after: float = 0.8,
-        limit: int = DISCORD_LIMIT,
+        limit: int = DISCORD_LIMIT, timeout: float | None = None, deadline: float = 120.0,
     ) -> None:
         self.target = target
         self.limiter = limiter
         self.channel_id = channel_id
         self.placeholder_after = placeholder_after
         self.limit = limit
+        self.timeout = timeout
+        self.deadline = deadline
         self.text = ""
         self.message_ids: list[int] = []
         self._shown: list[str] = []
         self._changed = asyncio.Event()
         self._pump: asyncio.Task | None = None
+        self._stopped = False
 
     def stop(self) -> None:
         """Stop generating (frees the engine slot at once); what was generated so far still lands."""
         if self._pump is not None:
+            self._stopped = True
             self._pump.cancel()
 
     async def run(self, pieces: AsyncIterator[str]) -> str:
         """Stream ``pieces`` to Discord; returns the full text. The last write always has the final text."""
         self._pump = pump = asyncio.create_task(self._consume(pieces))
         try:
-            async with self.target.typing():
-                await self._wait(pump, self.placeholder_after)
+            first = min(TYPING_AFTER, self.placeholder_after)
+            await self._wait(pump, first)
+            if not self.text and not pump.done():  # still thinking: say so (a quick reply needs no request)
+                async with self.target.typing():
+                    await self._wait(pump, self.placeholder_after - first)
             while True:  # from here on something is visible: the text so far, or a placeholder
                 if self._target() == self._shown:
                     if pump.done():
@@ -120,17 +175,28 @@ class ReplyStream:
                 self._changed.clear()
                 await self.limiter.acquire(self.channel_id)
                 await self._write(self._target())
+        except DeliveryError as exc:
+            log.error("channel %s: a reply of %d chars is lost: %s", self.channel_id, len(self.text), exc)
+            return self.text
         finally:
             pump.cancel()
 
     async def _consume(self, pieces: AsyncIterator[str]) -> None:
+        stream = aiter(pieces)
         try:
-            async for piece in pieces:
+            while True:
+                try:
+                    piece = await asyncio.wait_for(anext(stream), self.timeout)
+                except StopAsyncIteration:
+                    return
                 self.text += piece
                 self._changed.set()
-        except Exception as exc:  # the engine failed this request: say so in the reply itself
-            log.warning("generation failed in channel %s: %s", self.channel_id, exc)
-            self.text += f"\n⚠️ generation failed: {exc}"
+        except asyncio.TimeoutError:
+            log.warning("generation in channel %s: no text for %s s, gave up", self.channel_id, self.timeout)
+            self.text += f"\n{TIMED_OUT}"
+        except Exception as exc:  # the engine failed: a short note in the reply, the detail in the log only
+            log.warning("generation failed in channel %s: %s", self.channel_id, redact(f"{exc!r}"))
+            self.text += f"\n{FAILED}"
         finally:
             aclose = getattr(pieces, "aclose", None)
             if aclose is not None:
@@ -145,16 +211,27 @@ class ReplyStream:
             changed.cancel()
 
     def _target(self) -> list[str]:
-        return split_message(self.text, self.limit) or [PLACEHOLDER]
+        chunks = split_message(self.text, self.limit)
+        if chunks:
+            return chunks
+        if self._pump is None or not self._pump.done():
+            return [PLACEHOLDER]
+        return [STOPPED if self._stopped else EMPTY]
 
     async def _write(self, chunks: list[str]) -> None:
         """Bring the first message that differs up to date: one write per limiter slot."""
+        where = f"reply in channel {self.channel_id}"
         for i, chunk in enumerate(chunks):
             if i == len(self._shown):
-                self.message_ids.append(await self.target.post(chunk))
+                self.message_ids.append(await persist(lambda: self.target.post(chunk), where, self.deadline))
                 self._shown.append(chunk)
                 return
             if self._shown[i] != chunk:
-                await self.target.edit(self.message_ids[i], chunk)
+                try:
+                    await persist(lambda: self.target.edit(self.message_ids[i], chunk), where, self.deadline)
+                except (DeliveryError, discord.HTTPException) as exc:  # gone, or never editable again: repost
+                    log.warning("%s: cannot edit message %s (%s); posting the text anew", where,
+                                self.message_ids[i], exc)
+                    self.message_ids[i] = await persist(lambda: self.target.post(chunk), where, self.deadline)
                 self._shown[i] = chunk
                 return

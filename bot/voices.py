@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -79,7 +80,9 @@ class WebhookVoice(Voice):
         self._mention = re.compile(rf"(?<!\w)@{re.escape(persona.name)}(?!\w)", re.IGNORECASE)
 
     def owns(self, message: discord.Message) -> bool:
-        return message.webhook_id is not None and message.author.name == self.persona.name
+        """Posted through one of this bot's own webhooks under the persona's name; anyone's webhook (a proxy
+        bot such as PluralKit) can post under any name, so the name alone proves nothing."""
+        return message.webhook_id in self.webhooks.ids and message.author.name == self.persona.name
 
     def addressed(self, message: discord.Message) -> bool:
         return bool(self._mention.search(message.content)) or self._replies_to_me(message)
@@ -101,8 +104,8 @@ class ChannelTarget:
 
     async def post(self, content: str) -> int:
         reference = self.reply_to.to_reference(fail_if_not_exists=False) if self.reply_to else None
-        self.reply_to = None
         message = await self.channel.send(content, reference=reference, allowed_mentions=ALLOWED_MENTIONS)  # type: ignore[arg-type]
+        self.reply_to = None  # only once it is sent: a retried first post still replies
         return message.id
 
     async def edit(self, message_id: int, content: str) -> None:
@@ -142,9 +145,26 @@ class WebhookTarget:
         return typing(self.channel)
 
 
+TYPING_LASTS = 5.0
+"""Seconds one typing request shows for (Discord shows it up to 10 s, or until the bot posts)."""
+_typing_since: dict[tuple[int, int], float] = {}  # (bot user, channel) -> when its indicator was last sent
+
+
 @asynccontextmanager
 async def typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
-    """'is typing…' in ``channel``; a reply never fails because the indicator could not be shown."""
+    """'is typing…' in ``channel``; a reply never fails because the indicator could not be shown. Replies
+    queued in one channel share one indicator: a bot sends at most one typing request per ``TYPING_LASTS``
+    seconds there (under load these were a third of its requests)."""
+    state = getattr(channel, "_state", None)
+    key = (getattr(getattr(state, "user", None), "id", 0), getattr(channel, "id", 0))
+    now = time.monotonic()
+    if now - _typing_since.get(key, -TYPING_LASTS) < TYPING_LASTS:
+        yield
+        return
+    if len(_typing_since) > 4096:
+        for stale in [k for k, t in _typing_since.items() if now - t >= TYPING_LASTS]:
+            del _typing_since[stale]
+    _typing_since[key] = now
     indicator = channel.typing()
     try:
         await indicator.__aenter__()
@@ -159,19 +179,37 @@ async def typing(channel: discord.abc.Messageable) -> AsyncIterator[None]:
 
 
 class Webhooks:
-    """One webhook per channel, owned by the hosting bot: found once (or created), then cached."""
+    """One webhook per channel, owned by the hosting bot: found once (or created), then cached. ``ids`` are
+    the bot's own webhooks seen so far: what tells its personas' messages from anyone else's."""
 
     def __init__(self, client: discord.Client) -> None:
         self.client = client
+        self.ids: set[int] = set()
         self._hooks: dict[int, discord.Webhook] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+
+    def _mine(self, hooks: list[discord.Webhook]) -> list[discord.Webhook]:
+        me = self.client.user
+        mine = [h for h in hooks if h.token and h.user and me and h.user.id == me.id]
+        self.ids.update(h.id for h in mine)
+        return mine
+
+    async def discover(self) -> None:
+        """Learn the bot's webhooks in every guild (one request each), so its personas recognise their own
+        messages from before this start; a guild where the bot may not list webhooks is skipped (the
+        permission check reports it)."""
+        for guild in self.client.guilds:
+            try:
+                self._mine(await guild.webhooks())
+            except discord.HTTPException as exc:
+                log.debug("cannot list webhooks in guild %s: %s", guild.id, exc)
 
     async def get(self, channel: discord.TextChannel) -> discord.Webhook:
         async with self._locks.setdefault(channel.id, asyncio.Lock()):
             hook = self._hooks.get(channel.id)
             if hook is None:
-                me = self.client.user
-                mine = [h for h in await channel.webhooks() if h.token and h.user and me and h.user.id == me.id]
+                mine = self._mine(await channel.webhooks())
                 hook = mine[0] if mine else await channel.create_webhook(name=WEBHOOK_NAME)
+                self.ids.add(hook.id)
                 self._hooks[channel.id] = hook
             return hook

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from discord_spec import SpecCheck
 from fake_engine import FakeEngine, write_bundle
 
 from bot.app import PersonaBot
@@ -87,6 +88,8 @@ async def running(
     ``bundles`` gives real adapter bundles (default: FakeEngine placeholders named ``<persona>-v1``).
     """
     fake = await FakeDiscord().start()
+    spec = SpecCheck()
+    fake.reply_observers.append(spec)
     general = fake.add_channel("general")
     alice = fake.add_user("Alice")
     engine = engine or FakeEngine()
@@ -104,7 +107,8 @@ async def running(
             logins[name] = f"tok-{name}"
             bots[name] = fake.add_bot(name, logins[name], message_content=not denied_intents)
             specs.append(PersonaSpec(name=name, adapter=bundle, token_env=f"{name.upper()}_TOKEN", **extra))
-    config = Settings(_env_file=None, **{**FAST, "state_db": root / "state.db", **settings})  # type: ignore[call-arg]
+    paths = {"state_db": root / "state.db", "adapters_dir": root / "bundles"}
+    config = Settings(_env_file=None, **{**FAST, **paths, **settings})  # type: ignore[call-arg]
     try:
         with fake.patched():
             app = PersonaBot(config, specs, engine, tokens={**logins, **(tokens or {})},
@@ -117,3 +121,4 @@ async def running(
                 await harness.app.close()
     finally:
         await fake.close()
+    spec.assert_clean()  # every REST reply the fake sent in this test is shaped as Discord documents it

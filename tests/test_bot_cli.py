@@ -38,7 +38,7 @@ async def test_simulate_chats_streams_and_runs_commands(tmp_path):
         ("/converse Brine Old Coral 2 the tides", "Old Coral: [coral-v1] Brine: [brine-v1] you: Let's talk about "
                                                   "the tides."),
         ("/persona list", "(only you) **Brine** (own account): `brine-v1`"),
-        ("/persona swap nowhere Brine", "(only you) ❌ adapter 'Brine'"),
+        ("/persona swap nowhere Brine", "(only you) ❌ no bundle named `nowhere`"),
         ("#deep", "#deep"),
         ("@Old Coral down here?", "Old Coral: [coral-v1] you: @Old Coral down here?"),
         ("/reply and?", "Old Coral: [coral-v1] you: and?"),

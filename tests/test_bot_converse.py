@@ -40,9 +40,9 @@ async def test_stop_ends_a_conversation_mid_turn(tmp_path):
         h.fake.command(h.bots["Coral"], h.alice, h.general, "converse", persona_a="Coral", persona_b="Brine",
                        topic="storms", turns=20)
         await h.fake.wait_for(lambda: len(h.engine.served) == 2)
+        session = h.app.sessions[h.general.id]
         stop = h.fake.command(h.bots["Coral"], h.alice, h.general, "stop")
         assert "Stopped" in await stop.text()
-        session = h.app.sessions[h.general.id]
         assert session.reason == "stopped by /stop"
         await h.settled()
         await asyncio.sleep(0.1)

@@ -8,7 +8,7 @@ from fake_discord_harness import async_test, running
 
 @async_test
 async def test_200_messages_across_20_channels_all_answered_in_order(tmp_path):
-    async with running(tmp_path, edit_interval=0.08) as h:
+    async with running(tmp_path, edit_interval=0.08, queue_limit=10) as h:
         h.fake.limit_writes(5, 0.25)  # Discord-like bucket: our cadence must never trip it
         h.fake.gateway.heartbeat_interval = 0.1
         await h.fake.disconnect(h.bots["Brine"])  # reconnect so the short heartbeat interval applies
@@ -41,3 +41,16 @@ async def test_200_messages_across_20_channels_all_answered_in_order(tmp_path):
         gaps = [b - a for a, b in zip(beats, beats[1:])]
         assert len(beats) > 5 and max(gaps) < 0.5, f"heartbeat never blocked (max gap {max(gaps):.2f}s)"
         assert elapsed < 30
+
+
+@async_test
+async def test_a_burst_stays_under_the_global_limit(tmp_path):
+    """At the default write budget, history from the gateway's cache and typing only while thinking keep a
+    burst under Discord's 50 requests/s per bot (it drew 429s with a history GET and typing per message)."""
+    async with running(tmp_path, ("Brine",), edits_per_second=20.0) as h:
+        channels = [h.fake.add_channel(f"room-{i}") for i in range(8)]
+        sent = [h.fake.post(h.alice, c, f"{h.bots['Brine'].mention} message {k}") for k in range(5) for c in channels]
+        await h.fake.wait_for(lambda: all(h.replies(m) for m in sent), timeout=20)
+        await h.settled(20)
+        assert not h.fake.rate_limited, f"{len(h.fake.rate_limited)} requests drew a 429"
+        assert h.app.backlog.reads == len(channels), "one history read per channel, the cache after that"

@@ -3,9 +3,10 @@ with loop control, and a restart in the middle of a conversation that loses noth
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fake_discord_harness import async_test, running
-from fake_engine import FakeEngine, echo
+from fake_engine import FakeEngine, echo, write_bundle
 
 from bot.state import State
 
@@ -174,9 +175,9 @@ async def test_a_restart_mid_conversation_loses_nothing_the_user_was_told(tmp_pa
         brine, owner = h.bots["Brine"], h.owner
         h.fake.post(h.alice, h.general, "secret plans")
         assert "reset" in (await h.fake.command(brine, h.alice, h.general, "reset").text()).lower()
-        kept = h.fake.command(brine, owner, h.general, "persona swap", adapter=str(h.bundle("brine-v2")), keep=True)
+        kept = h.fake.command(brine, owner, h.general, "persona swap", adapter=h.bundle("brine-v2").name, keep=True)
         assert "also after a restart" in await kept.text()
-        coral = h.fake.command(h.bots["Coral"], owner, h.general, "persona swap", adapter=str(h.bundle("coral-v2")))
+        coral = h.fake.command(h.bots["Coral"], owner, h.general, "persona swap", adapter=h.bundle("coral-v2").name)
         assert "until the bot restarts" in await coral.text()
         settings = h.fake.command(brine, owner, h.general, "persona settings", temperature="0.3")
         assert "temperature 0.3" in await settings.text()
@@ -207,3 +208,24 @@ async def test_a_restart_mid_conversation_loses_nothing_the_user_was_told(tmp_pa
         lines = [line for m in to_brine.messages for line in m["content"].splitlines()]
         assert "Alice: secret plans" not in lines and "secret plans" not in system(to_brine), "the reset holds"
         assert to_brine.sampling is not None and to_brine.sampling.temperature == 0.3, "the channel's settings hold"
+
+
+@async_test
+async def test_a_kept_swap_outside_adapters_dir_is_refused_at_start(tmp_path, caplog):
+    """The state database may predate ADAPTERS_DIR's current setting or be edited by hand: a kept bundle
+    loads again only through /persona swap's own check."""
+    outside = write_bundle(tmp_path / "elsewhere" / "brine-evil", "brine-evil")
+    async with running(tmp_path) as h:
+        state = State(tmp_path / "state.db")
+        state.keep_swap("Brine", str(outside), by_user=h.owner.id)
+        state.keep_swap("Coral", str(h.bundle("coral-v2")), by_user=h.owner.id)  # inside: still served
+        state.close()
+        with caplog.at_level(logging.ERROR, logger="bot.app"):
+            await h.restart()
+        assert f"the kept swap to {outside} is refused" in caplog.text
+        ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} who are you?")
+        await h.fake.wait_for(lambda: h.replies(ask))
+        ask_coral = h.fake.post(h.alice, h.general, f"{h.bots['Coral'].mention} and you?")
+        await h.fake.wait_for(lambda: h.replies(ask_coral))
+        await h.settled()
+        assert [s.bundle for s in h.engine.served] == ["brine-v1", "coral-v2"]

@@ -1,12 +1,32 @@
-"""Fit a conversation into the context window, rendered exactly as in training."""
+"""Fit a conversation into the context window, rendered exactly as in training, with what users wrote
+tokenized as text."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from finetune.bundle import Manifest
 from finetune.prompt import encode_prompt, with_system_prompt
 
 from .base import EngineError
+
+
+WORD_JOINER = "\u2060"
+"""Invisible; put inside a special token's string it makes the tokenizer read that string as text."""
+
+
+def break_special_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with every special token's string in them (``<|im_start|>`` typed by a user) broken by a
+    word joiner, so it is tokenized as plain text and can never open a system or assistant turn. Messages
+    without one are returned as they are, so prompts stay byte-identical to training's."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials |= set(tokenizer.all_special_tokens)
+    specials = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
+    if not specials:
+        return messages
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    return [{**m, "content": pattern.sub(lambda t: t[0][0] + WORD_JOINER + t[0][1:], m["content"])}
+            for m in messages]
 
 
 def prompt_budget(context: int, max_new_tokens: int, adapter: str) -> int:
@@ -29,7 +49,8 @@ def fit_messages(
     user turn (chat templates often require it), and the latest user message with anything after it is
     never dropped: if that alone is too long, the error says so rather than answering out of context.
     """
-    full = with_system_prompt(manifest.system_prompt, messages)
+    # the bundle's own system prompt is trusted; everything the bot sends may hold what users typed
+    full = with_system_prompt(manifest.system_prompt, break_special_tokens(tokenizer, messages))
     head = full[:1] if full and full[0]["role"] == "system" else []
     body = full[len(head):]
     users = [i for i, m in enumerate(body) if m["role"] == "user"]

@@ -7,9 +7,9 @@ or a message) and may then edit the message. The interaction is recorded like a 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .model import ALL_PERMISSIONS, Interaction, User
+from .model import Interaction, User
 
 if TYPE_CHECKING:
     from .server import FakeDiscord
@@ -32,22 +32,5 @@ def components(fake: FakeDiscord, message: dict) -> list[dict]:
 def press(fake: FakeDiscord, bot: User, user: User, message: dict, custom_id: str) -> Interaction:
     """``user`` presses the button ``custom_id`` on ``message``, which ``bot`` sent."""
     channel = fake.channels[int(message["channel_id"])]
-    interaction = Interaction(fake.snowflake(), f"itoken-{fake.snowflake()}", bot, user, channel)
-    fake.interactions[interaction.id] = interaction
-    payload: dict[str, Any] = {
-        "id": str(interaction.id), "application_id": str(bot.app_id), "type": MESSAGE_COMPONENT,
-        "token": interaction.token, "version": 1, "message": message,
-        "data": {"custom_id": custom_id, "component_type": BUTTON},
-        "channel_id": str(channel.id), "channel": channel.payload(), "locale": "en-US",
-        "app_permissions": str(ALL_PERMISSIONS), "attachment_size_limit": 8 << 20, "entitlements": [],
-        "authorizing_integration_owners": {"0": str(fake.guild_id)}, "context": 0,
-    }
-    if channel.guild_id is not None:
-        member = user.member(fake.guild_id)
-        member["permissions"] = str(user.permissions)
-        payload.update(guild_id=str(fake.guild_id), member=member, guild_locale="en-US",
-                       guild={"id": str(fake.guild_id), "locale": "en-US", "features": []})
-    else:
-        payload.update(user=user.payload(), context=1)
-    fake.gateway.dispatch(bot, "INTERACTION_CREATE", payload)
-    return interaction
+    return fake.interact(bot, user, channel, MESSAGE_COMPONENT, {"custom_id": custom_id, "component_type": BUTTON},
+                         message=message)

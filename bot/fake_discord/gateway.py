@@ -1,4 +1,6 @@
-"""The fake gateway: HELLO, IDENTIFY -> READY + GUILD_CREATE, heartbeats, RESUME with replay, close codes."""
+"""The fake gateway: HELLO, IDENTIFY -> READY + GUILD_CREATE per guild, heartbeats, RESUME with replay, close
+codes, and what Discord sends a live connection unasked: heartbeat requests (op 1), RECONNECT (op 7) and
+INVALID_SESSION (op 9)."""
 from __future__ import annotations
 
 import asyncio
@@ -76,6 +78,7 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self.live: dict[int, Session] = {}  # bot id -> its current session
         self.heartbeat_interval = 41.25
+        self.identifies: dict[int, int] = {}  # bot id -> how many times it has IDENTIFYed (a new session)
 
     def dispatch(self, bot: User, event: str, data: dict[str, Any]) -> None:
         session = self.live.get(bot.id)
@@ -87,6 +90,27 @@ class Gateway:
         session = self.live.get(bot.id)
         if session is not None and session.pipe is not None:
             await session.pipe.ws.close(code=code)
+
+    def _live_pipe(self, bot: User) -> Pipe:
+        session = self.live.get(bot.id)
+        if session is None or session.pipe is None:
+            raise AssertionError(f"{bot.name} has no live gateway connection")
+        return session.pipe
+
+    def request_heartbeat(self, bot: User) -> None:
+        """Op 1 from the server: the client must heartbeat at once."""
+        self._live_pipe(bot).put({"op": 1, "d": None})
+
+    def request_reconnect(self, bot: User) -> None:
+        """Op 7: the client should reconnect and RESUME."""
+        self._live_pipe(bot).put({"op": 7, "d": None})
+
+    def invalidate_session(self, bot: User, *, resumable: bool = False) -> None:
+        """Op 9: the session is gone (unless ``resumable``); the client must IDENTIFY anew."""
+        session = self.live[bot.id]
+        if not resumable:
+            self.sessions.pop(session.id, None)
+        self._live_pipe(bot).put({"op": 9, "d": resumable})
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0)
@@ -126,10 +150,13 @@ class Gateway:
             return None
         session = Session(bot)
         session.pipe = pipe
+        self.identifies[bot.id] = self.identifies.get(bot.id, 0) + 1
         self.sessions[session.id] = session
         self.live[bot.id] = session
         session.dispatch("READY", self.fake.ready_payload(bot, session.id))
-        session.dispatch("GUILD_CREATE", self.fake.guild_payload())
+        for guild in self.fake.guilds.values():
+            if bot.id in guild.members:
+                session.dispatch("GUILD_CREATE", self.fake.guild_payload(guild))
         return session
 
     def _resume(self, pipe: Pipe, data: dict[str, Any]) -> Session | None:
