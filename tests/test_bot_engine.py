@@ -12,7 +12,7 @@ from finetune.train import train
 async def test_trained_persona_answers_in_character_through_discord(tiny_model_dir, tiny_persona, tmp_path):
     bundle = train(load_config(None, [
         f"persona={tiny_persona}", f"base_model={tiny_model_dir}",
-        f"output_dir={tmp_path / 'bundle'}", "quantization=none", "data.max_seq_len=64", "train.batch_size=8",
+        f"output_dir={tmp_path / 'bundle'}", "quantization=none", "data.max_seq_len=128", "train.batch_size=8",
         "train.learning_rate=5e-3", "train.epochs=4", "train.gradient_checkpointing=false",
     ]))
     engine = create_engine(EngineConfig(base_model=str(tiny_model_dir), quantization="none", max_batch=4))

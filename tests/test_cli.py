@@ -99,7 +99,7 @@ def test_train_cli_and_clear_errors(tiny_persona, tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"persona: {tiny_persona}\nbase_model: {tiny_model_dir}\noutput_dir: {out}\nquantization: none\n")
-    result = runner.invoke(app, ["train", str(cfg), "--set", "train.max_steps=2", "--set", "data.max_seq_len=64"])
+    result = runner.invoke(app, ["train", str(cfg), "--set", "train.max_steps=2", "--set", "data.max_seq_len=128"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "persona.json").read_text())["training"]["steps"] == 2
 

@@ -40,7 +40,7 @@ def tiny_bundle(tiny_persona, tiny_model_dir, tmp_path):
     out = tmp_path / "bundle"
     train(load_config(None, [
         f"persona={tiny_persona}", f"base_model={tiny_model_dir}", f"output_dir={out}", "quantization=none",
-        "data.max_seq_len=64", "train.epochs=6", "train.learning_rate=5e-3", "train.save_steps=100",
+        "data.max_seq_len=128", "train.epochs=6", "train.learning_rate=5e-3", "train.save_steps=100",
         "train.gradient_checkpointing=false",
     ]))
     return out

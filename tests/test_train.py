@@ -19,7 +19,7 @@ from finetune.train import train
 def _config(persona: Path, model: Path, out: Path, *extra: str):
     return load_config(None, [
         f"persona={persona}", f"base_model={model}", f"output_dir={out}", "quantization=none",
-        "data.max_seq_len=64", "train.batch_size=8", "train.learning_rate=5e-3", "train.logging_steps=1",
+        "data.max_seq_len=128", "train.batch_size=8", "train.learning_rate=5e-3", "train.logging_steps=1",
         "train.eval_steps=5", "train.save_steps=5", "train.gradient_checkpointing=false", *extra,
     ])
 
