@@ -499,7 +499,7 @@ class PersonaBot:
         stream = ReplyStream(
             target or await voice.reply_target(channel, reply_to), self.limiter, channel_id,
             placeholder_after=self.settings.placeholder_after, timeout=self.settings.generation_timeout,
-            deadline=self.settings.delivery_deadline,
+            deadline=self.settings.delivery_deadline, guild_id=_guild_id(channel),
         )
         self.streams[channel_id].add(stream)
         owned = session.streams if session is not None else set()
@@ -748,7 +748,7 @@ class PersonaBot:
         queue, so the next reply need not wait for these writes; one channel's offers run in order."""
         record = ReplyRecord(stream.message_ids[0], message.channel.id, voice.name, message.author.id, message.id,
                              [stream.text])
-        write = partial(self.limiter.acquire, record.channel_id)
+        write = partial(self.limiter.acquire, record.channel_id, _guild_id(channel))
         async with self._offers[record.channel_id]:
             previous = await self.state.run(self.state.offer_reply, record)
             try:
@@ -777,7 +777,7 @@ class PersonaBot:
         elif action in ("regen", "more"):
             await self.queues.submit(record.channel_id, partial(self._rewrite, voice, channel, record, action))
         await self.state.run(self.state.update_reply, record)
-        await buttons.show(channel, record, partial(self.limiter.acquire, record.channel_id))  # type: ignore[arg-type]
+        await buttons.show(channel, record, partial(self.limiter.acquire, record.channel_id, _guild_id(channel)))  # type: ignore[arg-type]
 
     async def _rewrite(self, voice: Voice, channel: discord.abc.Messageable, record: ReplyRecord, action: str) -> None:
         """Regenerate (a new swipe, shown) or continue (the shown swipe, extended) in the reply's message."""
@@ -817,6 +817,12 @@ async def _prefixed(prefix: str, pieces: AsyncIterator[str]) -> AsyncIterator[st
 
 async def _history_after(channel: discord.abc.Messageable, after: int) -> list[discord.Message]:
     return [m async for m in channel.history(limit=CATCH_UP_MESSAGES, after=discord.Object(after), oldest_first=True)]
+
+
+def _guild_id(channel: object) -> int | None:
+    """The guild a channel belongs to (None in DMs): the unit the write budget is shared fairly between."""
+    guild = getattr(channel, "guild", None)
+    return guild.id if guild is not None else None
 
 
 def _places(channel: object) -> set[int]:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import re
 import time
 import unicodedata
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -42,35 +42,55 @@ class ReplyTarget(Protocol):
 
 
 class EditLimiter:
-    """Spaces every message write in the process: per channel, and globally.
+    """Spaces every message write in the process: per channel, and globally, shared fairly between guilds.
 
-    Each write reserves a time slot when it asks: the earliest that is ``per_channel`` after the channel's
-    previous write and at least ``1 / per_second`` away from every other reserved write. Waiters are served
-    in order, a channel waiting for its own turn never holds up other channels, and the rate holds however
-    many replies stream at once, so Discord's per-route buckets are never exhausted by us.
+    A write first waits for its channel's turn (``per_channel`` after that channel's previous write; a channel
+    waiting for its own turn never holds up others), then for a global slot: slots come ``1 / per_second``
+    apart and go round-robin to the guilds that have a write waiting, so one busy guild cannot make another
+    guild's first reply wait behind its backlog. The rate holds however many replies stream at once, so
+    Discord's per-route buckets are never exhausted by us.
     """
 
     def __init__(self, per_channel: float = 1.2, per_second: float = 20.0) -> None:
         self.per_channel = per_channel
         self.spacing = 1.0 / per_second
         self._next: dict[int, float] = {}
-        self._slots: list[float] = []  # reserved write times, sorted
+        self._waiting: OrderedDict[int | None, deque[asyncio.Future[None]]] = OrderedDict()
+        self._granted = float("-inf")  # when the last global slot was given
+        self._turns: asyncio.Task[None] | None = None
 
-    async def acquire(self, channel_id: int) -> None:
+    async def acquire(self, channel_id: int, guild_id: int | None = None) -> None:
         now = time.monotonic()
-        del self._slots[: bisect.bisect_left(self._slots, now - self.spacing)]
-        slot = max(now, self._next.get(channel_id, 0.0))
-        for taken in self._slots:
-            if taken >= slot + self.spacing:
-                break
-            if taken > slot - self.spacing:
-                slot = taken + self.spacing
-        bisect.insort(self._slots, slot)
-        self._next[channel_id] = slot + self.per_channel
+        ready = max(now, self._next.get(channel_id, 0.0))
+        self._next[channel_id] = ready + self.per_channel  # reserved now: the channel's next writer waits
         if len(self._next) > 4096:
             self._next = {k: t for k, t in self._next.items() if t > now}
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        if ready > now:
+            await asyncio.sleep(ready - now)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(guild_id, deque()).append(turn)
+        if self._turns is None or self._turns.done():
+            self._turns = asyncio.create_task(self._give_turns(), name="edit-limiter")
+        await turn
+        self._next[channel_id] = max(self._next[channel_id], time.monotonic() + self.per_channel)
+
+    async def _give_turns(self) -> None:
+        """One global slot at a time, to the guild whose turn it is (round-robin over those waiting)."""
+        while self._waiting:
+            guild, queue = next(iter(self._waiting.items()))
+            turn = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(guild)
+            else:
+                del self._waiting[guild]
+            if turn.done():  # its writer was cancelled while waiting
+                continue
+            wait = self._granted + self.spacing - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not turn.done():
+                turn.set_result(None)
+                self._granted = time.monotonic()
 
 
 def split_message(text: str, limit: int = DISCORD_LIMIT) -> list[str]:
@@ -135,10 +155,12 @@ class ReplyStream:
     def __init__(
         self, target: ReplyTarget, limiter: EditLimiter, channel_id: int, *, placeholder_after: float = 0.8,
         limit: int = DISCORD_LIMIT, timeout: float | None = None, deadline: float = 120.0,
+        guild_id: int | None = None,
     ) -> None:
         self.target = target
         self.limiter = limiter
         self.channel_id = channel_id
+        self.guild_id = guild_id
         self.placeholder_after = placeholder_after
         self.limit = limit
         self.timeout = timeout
@@ -173,7 +195,7 @@ class ReplyStream:
                     await self._wait(pump, None)
                     continue
                 self._changed.clear()
-                await self.limiter.acquire(self.channel_id)
+                await self.limiter.acquire(self.channel_id, self.guild_id)
                 await self._write(self._target())
         except DeliveryError as exc:
             log.error("channel %s: a reply of %d chars is lost: %s", self.channel_id, len(self.text), exc)

@@ -62,6 +62,25 @@ async def test_limiter_spaces_writes_per_channel_and_globally():
     await waiting
 
 
+@async_test
+async def test_limiter_shares_the_global_budget_fairly_between_guilds():
+    """One guild with 30 replies waiting does not make another guild's first write wait behind them all."""
+    limiter = EditLimiter(per_channel=1.0, per_second=50)
+    done: dict[str, float] = {}
+    start = time.monotonic()
+
+    async def write(name: str, channel: int, guild: int) -> None:
+        await limiter.acquire(channel, guild)
+        done[name] = time.monotonic() - start
+
+    busy = [asyncio.create_task(write(f"a{i}", 100 + i, 1)) for i in range(30)]
+    await asyncio.sleep(0.05)  # guild 1's backlog is queued
+    await write("b", 200, 2)
+    await asyncio.gather(*busy)
+    assert done["b"] < 0.05 + 3 / 50, "guild 2 takes the next turn, not the 31st"
+    assert max(done.values()) >= 30 / 50 - 0.02, "the global rate still holds for everyone"
+
+
 # streaming
 
 
