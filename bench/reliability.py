@@ -25,7 +25,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from fake_discord_harness import Harness, running  # noqa: E402
 from fake_engine import FakeEngine  # noqa: E402
 
-PRODUCTION = {"edits_per_second": 20.0, "edit_interval": 0.3, "queue_limit": 10, "delivery_deadline": 60.0}
+# user_queue_limit: one scripted user stands for every channel's people here
+PRODUCTION = {"edits_per_second": 20.0, "edit_interval": 0.3, "queue_limit": 10, "delivery_deadline": 60.0,
+              "user_queue_limit": 200}
 
 
 class Errors(logging.Handler):

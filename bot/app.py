@@ -91,6 +91,8 @@ class PersonaBot:
         self._sessions_started: set[BotClient] = set()  # clients past their first gateway session
         self._starters: dict[int, int] = {}  # channel -> who started its conversation
         self._busy: set[int] = set()  # channels told that their queue is full, until it drains
+        self._asking: defaultdict[int, int] = defaultdict(int)  # user id -> their replies waiting or running
+        self._told_users: set[int] = set()  # users told that they have too many waiting, until theirs drain
         self._told: dict[tuple[str, int], list[str]] = {}  # (persona, channel) -> the permissions it was told lack
         self._awaited: dict[tuple[int, BotClient], asyncio.Event] = {}  # (message, lagging client) -> seen by it
         self._build_clients()
@@ -312,18 +314,41 @@ class PersonaBot:
     def _queue(self, voice: Voice, message: discord.Message) -> None:
         """Queue ``voice``'s answer, unless the channel already has ``QUEUE_LIMIT`` waiting: then the message
         is skipped, and the channel is told so once until its queue drains."""
-        channel_id = message.channel.id
+        channel_id, user = message.channel.id, message.author.id
+        if self._asking[user] >= self.settings.user_queue_limit:
+            self._skip_for_user(voice, message)
+            return
         waiting = self.queues.depth(channel_id)
         if waiting < self.settings.queue_limit:
             if not waiting:
                 self._busy.discard(channel_id)
-            self.queues.submit(channel_id, partial(self.answer, voice, message))
+            self._asking[user] += 1
+            self.queues.submit(channel_id, partial(self.answer, voice, message)).add_done_callback(
+                lambda _: self._answered(user))
             return
         log.warning("channel %s: %d replies waiting; skipping message %s", channel_id, waiting, message.id)
         if channel_id not in self._busy and (channel := voice.client.get_channel(channel_id)) is not None:
             self._busy.add(channel_id)
             note = (f"⏳ Busy: {waiting} messages here are waiting for an answer, so I am skipping new ones for "
                     "a moment. Ask again once these are answered.")
+            self._background(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
+                                     self.settings.delivery_deadline))
+
+    def _answered(self, user: int) -> None:
+        self._asking[user] -= 1
+        if self._asking[user] <= 0:
+            del self._asking[user]
+            self._told_users.discard(user)
+
+    def _skip_for_user(self, voice: Voice, message: discord.Message) -> None:
+        """``USER_QUEUE_LIMIT``: this person already has that many replies waiting; say so once until they
+        are answered, so one person's flood never holds up everyone else's replies."""
+        user, channel_id = message.author.id, message.channel.id
+        log.warning("user %s: %d replies waiting; skipping message %s", user, self._asking[user], message.id)
+        if user not in self._told_users and (channel := voice.client.get_channel(channel_id)) is not None:
+            self._told_users.add(user)
+            note = (f"⏳ {message.author.display_name}, {self._asking[user]} of your messages are still waiting for "
+                    "an answer, so I am skipping your new ones until those are answered.")
             self._background(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
                                      self.settings.delivery_deadline))
 

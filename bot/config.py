@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     converse_cooldown: float = Field(3.0, ge=0)
     converse_per_user: int = Field(1, gt=0, description="conversations one user may run at once")
     queue_limit: int = Field(5, gt=0, description="replies waiting per channel; more messages are skipped")
+    user_queue_limit: int = Field(3, gt=0, description="replies one person may have waiting; more are skipped")
     reply_buttons: bool = Field(True, description="regenerate/continue buttons on each channel's latest reply")
     # state and memory (bot.state, bot.memory)
     state_db: Path = Field(Path("personabot.db"), description="the SQLite file resets, swaps, settings and memory "

@@ -8,7 +8,8 @@ from fake_discord_harness import async_test, running
 
 @async_test
 async def test_200_messages_across_20_channels_all_answered_in_order(tmp_path):
-    async with running(tmp_path, edit_interval=0.08, queue_limit=10) as h:
+    # one test user stands for the 20 channels' people: USER_QUEUE_LIMIT is for a real person's flood
+    async with running(tmp_path, edit_interval=0.08, queue_limit=10, user_queue_limit=200) as h:
         h.fake.limit_writes(5, 0.25)  # Discord-like bucket: our cadence must never trip it
         h.fake.gateway.heartbeat_interval = 0.1
         await h.fake.disconnect(h.bots["Brine"])  # reconnect so the short heartbeat interval applies
@@ -47,7 +48,7 @@ async def test_200_messages_across_20_channels_all_answered_in_order(tmp_path):
 async def test_a_burst_stays_under_the_global_limit(tmp_path):
     """At the default write budget, history from the gateway's cache and typing only while thinking keep a
     burst under Discord's 50 requests/s per bot (it drew 429s with a history GET and typing per message)."""
-    async with running(tmp_path, ("Brine",), edits_per_second=20.0) as h:
+    async with running(tmp_path, ("Brine",), edits_per_second=20.0, user_queue_limit=40) as h:  # one user for all
         channels = [h.fake.add_channel(f"room-{i}") for i in range(8)]
         sent = [h.fake.post(h.alice, c, f"{h.bots['Brine'].mention} message {k}") for k in range(5) for c in channels]
         await h.fake.wait_for(lambda: all(h.replies(m) for m in sent), timeout=20)

@@ -164,7 +164,8 @@ async def test_a_webhook_persona_without_manage_webhooks_says_what_is_missing(tm
 
 @async_test
 async def test_a_flood_is_bounded_with_one_visible_note(tmp_path):
-    async with running(tmp_path, ("Brine",), engine=FakeEngine(first_delay=0.3), queue_limit=3) as h:
+    async with running(tmp_path, ("Brine",), engine=FakeEngine(first_delay=0.3), queue_limit=3,
+                       user_queue_limit=20) as h:
         brine = h.bots["Brine"]
         flood = [h.fake.post(h.alice, h.general, f"{brine.mention} message {k}") for k in range(12)]
         await h.fake.wait_for(lambda: h.replies(flood[0]))
@@ -173,6 +174,22 @@ async def test_a_flood_is_bounded_with_one_visible_note(tmp_path):
         assert 3 <= len(answered) <= 1 + 3, "three waiting (and the one running, when it had started)"
         notes = [m for m in h.general.messages if m["author"]["id"] == str(brine.id) and "busy" in m["content"].lower()]
         assert len(notes) == 1, "said once, not once per message"
+        later = h.fake.post(h.alice, h.general, f"{brine.mention} calmer now")
+        await h.reply_text(later, "[brine-v1] Alice: @Brine calmer now", timeout=5)
+
+
+@async_test
+async def test_one_persons_flood_is_capped_and_others_are_still_answered(tmp_path):
+    async with running(tmp_path, ("Brine",), engine=FakeEngine(first_delay=0.3), user_queue_limit=2) as h:
+        brine = h.bots["Brine"]
+        flood = [h.fake.post(h.alice, h.general, f"{brine.mention} message {k}") for k in range(8)]
+        bob = h.fake.add_user("Bob")
+        asked = h.fake.post(bob, h.general, f"{brine.mention} my turn?")
+        await h.reply_text(asked, "[brine-v1] Bob: @Brine my turn?", timeout=10)
+        await h.settled(20)
+        assert len([m for m in flood if h.replies(m)]) == 2, "two of Alice's waited; the rest were skipped"
+        notes = [m for m in h.general.messages if m["author"]["id"] == str(brine.id) and "still waiting" in m["content"]]
+        assert len(notes) == 1 and notes[0]["content"].startswith("⏳ Alice"), "she is told once"
         later = h.fake.post(h.alice, h.general, f"{brine.mention} calmer now")
         await h.reply_text(later, "[brine-v1] Alice: @Brine calmer now", timeout=5)
 
