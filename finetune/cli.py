@@ -216,7 +216,7 @@ def demo(
     output_dir: Annotated[Optional[str], typer.Option(help="where the bundle goes (default: adapters/NAME)")] = None,
     card: Annotated[Optional[Path], typer.Option(help="a card-only persona folder or a lone card: synthesize "
                                                  "dialogue for it first (`data synth`), then train on that")] = None,
-    synth_count: Annotated[int, typer.Option(help="with --card: synthetic conversations to attempt")] = 48,
+    synth_count: Annotated[int, typer.Option(help="with --card: synthetic conversations to attempt")] = 144,
     synth_turns: Annotated[int, typer.Option(help="with --card: most exchanges per conversation")] = 1,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="override the demo recipe")] = [],
     samples: int = 5,
