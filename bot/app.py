@@ -312,11 +312,15 @@ class PersonaBot:
                      and (v.addressed(message) or places & set(v.persona.channels))})
 
     def _queue(self, voice: Voice, message: discord.Message) -> None:
-        """Queue ``voice``'s answer, unless the channel already has ``QUEUE_LIMIT`` waiting: then the message
-        is skipped, and the channel is told so once until its queue drains."""
+        """Queue ``voice``'s answer, unless the channel already has ``QUEUE_LIMIT`` waiting or its author
+        ``USER_QUEUE_LIMIT``: then the message is skipped, and the channel (or the person) is told so once until
+        that drains, so one person's flood never holds up everyone else's replies."""
         channel_id, user = message.channel.id, message.author.id
         if self._asking[user] >= self.settings.user_queue_limit:
-            self._skip_for_user(voice, message)
+            log.warning("user %s: %d replies waiting; skipping message %s", user, self._asking[user], message.id)
+            self._say_once(self._told_users, user, voice, channel_id,
+                           f"⏳ {message.author.display_name}, {self._asking[user]} of your messages are still "
+                           "waiting for an answer, so I am skipping your new ones until those are answered.")
             return
         waiting = self.queues.depth(channel_id)
         if waiting < self.settings.queue_limit:
@@ -327,30 +331,24 @@ class PersonaBot:
                 lambda _: self._answered(user))
             return
         log.warning("channel %s: %d replies waiting; skipping message %s", channel_id, waiting, message.id)
-        if channel_id not in self._busy and (channel := voice.client.get_channel(channel_id)) is not None:
-            self._busy.add(channel_id)
-            note = (f"⏳ Busy: {waiting} messages here are waiting for an answer, so I am skipping new ones for "
-                    "a moment. Ask again once these are answered.")
-            self._background(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
-                                     self.settings.delivery_deadline))
+        self._say_once(self._busy, channel_id, voice, channel_id,
+                       f"⏳ Busy: {waiting} messages here are waiting for an answer, so I am skipping new ones for "
+                       "a moment. Ask again once these are answered.")
+
+    def _say_once(self, told: set[int], key: int, voice: Voice, channel_id: int, note: str) -> None:
+        """Post ``note`` in the channel unless ``key`` is in ``told`` already (whoever clears it there says
+        when the note may come again)."""
+        if key in told or (channel := voice.client.get_channel(channel_id)) is None:
+            return
+        told.add(key)
+        self._background(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
+                                 self.settings.delivery_deadline))
 
     def _answered(self, user: int) -> None:
         self._asking[user] -= 1
         if self._asking[user] <= 0:
             del self._asking[user]
             self._told_users.discard(user)
-
-    def _skip_for_user(self, voice: Voice, message: discord.Message) -> None:
-        """``USER_QUEUE_LIMIT``: this person already has that many replies waiting; say so once until they
-        are answered, so one person's flood never holds up everyone else's replies."""
-        user, channel_id = message.author.id, message.channel.id
-        log.warning("user %s: %d replies waiting; skipping message %s", user, self._asking[user], message.id)
-        if user not in self._told_users and (channel := voice.client.get_channel(channel_id)) is not None:
-            self._told_users.add(user)
-            note = (f"⏳ {message.author.display_name}, {self._asking[user]} of your messages are still waiting for "
-                    "an answer, so I am skipping your new ones until those are answered.")
-            self._background(persist(lambda: channel.send(note), f"a note in channel {channel_id}",
-                                     self.settings.delivery_deadline))
 
     async def _catch_up(self, client: BotClient) -> None:
         """After a new gateway session (the old one was invalidated), read what was said in the channels

@@ -72,7 +72,8 @@ class EditLimiter:
         if self._turns is None or self._turns.done():
             self._turns = asyncio.create_task(self._give_turns(), name="edit-limiter")
         await turn
-        self._next[channel_id] = max(self._next[channel_id], time.monotonic() + self.per_channel)
+        # .get: the table may have been pruned of old channels while this write waited
+        self._next[channel_id] = max(self._next.get(channel_id, 0.0), time.monotonic() + self.per_channel)
 
     async def _give_turns(self) -> None:
         """One global slot at a time, to the guild whose turn it is (round-robin over those waiting)."""
