@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,21 +38,24 @@ class Conversation:
 @dataclass
 class ReadResult:
     """What a reader got out of one file: the good conversations, every problem it skipped, and what the
-    file carries beyond dialogue if its format has it (a character card does): the system prompt, the
-    serve-time card context, and ``notes`` on how its parts are used (not problems)."""
+    file carries beyond dialogue if its format has it (a character card does): the system prompt (and for a
+    card, ``prompt_with``: its prompt around a persona's global one), the serve-time card context, and
+    ``notes`` on how its parts are used (not problems)."""
 
     conversations: list[Conversation] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     system_prompt: str = ""
+    prompt_with: Callable[[str], str] | None = None
     card: CardContext | None = None
     notes: list[str] = field(default_factory=list)
 
     def extend(self, other: ReadResult) -> None:
-        """Add another file's result; the first system prompt and card context found are kept."""
+        """Add another file's result; the first system prompt and card found are kept."""
         self.conversations.extend(other.conversations)
         self.problems.extend(other.problems)
         self.notes.extend(other.notes)
-        self.system_prompt = self.system_prompt or other.system_prompt
+        if not self.system_prompt:
+            self.system_prompt, self.prompt_with = other.system_prompt, other.prompt_with
         self.card = self.card or other.card
 
 

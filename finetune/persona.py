@@ -105,7 +105,7 @@ def _load_toml_persona(toml_path: Path) -> PersonaData:
         data.extend(read_source(source_path, kind, source.character or spec.name, options))
         if source_path not in files:
             files.append(source_path)
-    system_prompt = spec.system_prompt or data.system_prompt
+    system_prompt = _system_prompt(toml_path, spec.system_prompt or "", data)
     if not system_prompt:
         raise DataError(
             f"{toml_path}: field 'system_prompt': required when no character card source provides one"
@@ -124,6 +124,19 @@ def _load_toml_persona(toml_path: Path) -> PersonaData:
         card=data.card,
         notes=data.notes,
     )
+
+
+def _system_prompt(toml_path: Path, own: str, data: ReadResult) -> str:
+    """persona.toml's prompt, or a source's; with a card source, persona.toml's is the global prompt of the
+    V2 spec, which the card's own system_prompt replaces (inserting it at ``{{original}}``)."""
+    if data.prompt_with is None:
+        return own or data.system_prompt
+    if own and data.prompt_with(own) == data.prompt_with(""):
+        data.problems.append(
+            f"{toml_path}: field 'system_prompt' not used: the card's own system_prompt replaces it "
+            "(write {{original}} in the card's system_prompt to insert it there)"
+        )
+    return data.prompt_with(own)
 
 
 def _source_options(toml_path: Path, index: int, kind: str, source: _Source) -> BaseModel:

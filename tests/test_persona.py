@@ -144,6 +144,25 @@ def test_card_source_supplies_prompt_and_conversations(tmp_path: Path) -> None:
     assert persona.files[-1] == folder / "brine.png"
 
 
+def test_persona_prompt_is_the_cards_global_prompt(tmp_path: Path) -> None:
+    """persona.toml's system_prompt is the global prompt of the V2 spec: the card's own system_prompt
+    replaces it (inserting it at {{original}}), and the card's description is kept either way."""
+    folder = make_persona(tmp_path / "p", TOML + '\n[[sources]]\npath = "brine.json"\n')
+    card = json.loads(json.dumps(CARD))
+    (folder / "brine.json").write_text(json.dumps(card))
+    assert load_persona(folder).system_prompt == "You are Brine.\n\nBrine is an old sailor."
+    card["data"]["system_prompt"] = "{{original}} Never break character."
+    (folder / "brine.json").write_text(json.dumps(card))
+    persona = load_persona(folder)
+    assert persona.system_prompt == "You are Brine. Never break character.\n\nBrine is an old sailor."
+    card["data"]["system_prompt"] = "Write only {{char}}'s lines."
+    (folder / "brine.json").write_text(json.dumps(card))
+    persona = load_persona(folder)
+    assert persona.system_prompt == "Write only Brine's lines.\n\nBrine is an old sailor."
+    assert f"{folder / 'persona.toml'}: field 'system_prompt' not used: the card's own system_prompt " \
+           f"replaces it (write {{{{original}}}} in the card's system_prompt to insert it there)" in persona.problems
+
+
 def test_single_card_is_a_persona(tmp_path: Path) -> None:
     path = tmp_path / "brine.json"
     path.write_text(json.dumps(CARD))

@@ -33,6 +33,7 @@ def card_source(card: Card, path: str | Path) -> ReadResult:
     """Everything a card gives a persona; see the module docstring."""
     result = card_conversations(card, str(path))
     result.system_prompt = card.system_prompt
+    result.prompt_with = card.prompt
     result.card = card.context()
     result.notes = lorebook_usage(card, str(path))
     return result
