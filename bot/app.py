@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +27,7 @@ from .delivery import persist
 from .engine.base import Engine, EngineError
 from .errors import CommandError
 from .group import GroupChats, named
-from .history import CHAT_TYPES, Speakers, to_messages, window_start
+from .history import CHAT_TYPES, Speakers, clean_name, to_messages, window_start
 from .memory import Memory, block, clean_note, note_prompt
 from .prompt import assemble
 from .queues import ChannelQueues
@@ -74,6 +75,7 @@ class PersonaBot:
         self.channel_settings: dict[int, ChannelSettings] = self.state.channel_settings()
         self.memory_off: set[int] = self.state.memory_off_guilds()
         self.group = GroupChats(settings.group_cap, settings.group_decay, settings.group_cooldown)
+        self._rng = random.Random()  # which greeting opens a chat
         self._offers: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         """channel id -> held while buttons move to the channel's newest reply"""
         self._said: dict[tuple[int, int], int] = defaultdict(int)
@@ -518,6 +520,17 @@ class PersonaBot:
         except EngineError:  # not loaded: the stream below reports it as for any reply
             card = None
         messages = assemble(turns, context or (), card=card)
+        pieces = self.engine.stream(voice.persona.name, messages, self.sampling(voice, channel.id))  # type: ignore[attr-defined]
+        return await self._write(voice, channel, _prefixed(prefix, pieces) if prefix else pieces,
+                                 reply_to=reply_to, target=target, session=session)
+
+    async def _write(
+        self, voice: Voice, channel: discord.abc.Messageable, pieces: AsyncIterator[str], *,
+        reply_to: discord.Message | None = None, target: ReplyTarget | None = None,
+        session: ConverseSession | None = None,
+    ) -> ReplyStream:
+        """Write ``pieces`` as ``voice`` the way every reply is written (streamed edits, the write budget,
+        split at Discord's length), tracked so that /stop and a session's end reach it."""
         channel_id = channel.id  # type: ignore[attr-defined]
         stream = ReplyStream(
             target or await voice.reply_target(channel, reply_to), self.limiter, channel_id,
@@ -528,8 +541,7 @@ class PersonaBot:
         owned = session.streams if session is not None else set()
         owned.add(stream)
         try:
-            pieces = self.engine.stream(voice.persona.name, messages, self.sampling(voice, channel_id))
-            await stream.run(_prefixed(prefix, pieces) if prefix else pieces)
+            await stream.run(pieces)
             return stream
         finally:
             owned.discard(stream)
@@ -598,6 +610,28 @@ class PersonaBot:
         await self.state.run(self.state.set_reset, channel_id, marker)
         self.resets[channel_id] = marker
         self.windows.pop(channel_id, None)
+
+    def greeting(self, voice: Voice, channel: discord.abc.Messageable, user: discord.abc.User) -> str | None:
+        """What ``voice`` opens a fresh context with after /reset: one of its card's greetings, for ``user``
+        (group-only ones too where group chat is on); None when it has none, or may not talk here."""
+        try:
+            card = self.engine.manifest(voice.persona.name).card
+        except EngineError:
+            return None
+        if card is None or not _permits(voice, user, channel) or (_guild_id(channel) is None and not voice.can_dm):
+            return None
+        name = clean_name(getattr(user, "display_name", user.name)) or clean_name(user.name) or "there"
+        return card.greeting(name, self.settings_for(channel.id).group_chat, self._rng)  # type: ignore[attr-defined]
+
+    async def greet(self, voice: Voice, channel: discord.abc.Messageable, text: str) -> None:
+        """Post a ``greeting`` as ``voice``, in turn with the replies the channel is writing."""
+        async def post() -> None:
+            in_dm = _guild_id(channel) is None  # the DM of the bot the command ran on, which is voice's
+            where = channel if in_dm else voice.client.get_channel(channel.id)  # type: ignore[attr-defined]
+            if where is not None and (in_dm or await self._allowed_here(voice, where)):
+                await self._write(voice, where, _once(text))
+
+        await self.queues.submit(channel.id, post)  # type: ignore[attr-defined]
 
     def converse(
         self, channel: discord.abc.Messageable, names: list[str], topic: str, turns: int | None,
@@ -830,6 +864,10 @@ class PersonaBot:
         task = asyncio.ensure_future(work)
         task.add_done_callback(self._tasks.discard)
         self._tasks.add(task)
+
+
+async def _once(text: str) -> AsyncIterator[str]:
+    yield text
 
 
 async def _prefixed(prefix: str, pieces: AsyncIterator[str]) -> AsyncIterator[str]:

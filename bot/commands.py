@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Optional, Protocol
 
 import discord
@@ -48,6 +49,10 @@ class App(Protocol):
     def stop(self, channel_id: int) -> bool: ...
 
     async def reset(self, channel_id: int) -> None: ...
+
+    def greeting(self, voice: Voice, channel: discord.abc.Messageable, user: discord.abc.User) -> str | None: ...
+
+    async def greet(self, voice: Voice, channel: discord.abc.Messageable, text: str) -> None: ...
 
     def settings_for(self, channel_id: int) -> ChannelSettings: ...
 
@@ -91,10 +96,12 @@ class Param:
 
 @dataclass(frozen=True)
 class Reply:
-    """What a command answers; ``private`` replies are shown only to the user who ran it."""
+    """What a command answers; ``private`` replies are shown only to the user who ran it. ``then`` runs once
+    the answer is shown: what the command posts in the channel comes after its answer."""
 
     text: str
     private: bool = True
+    then: Callable[[], Awaitable[None]] | None = None
 
 
 async def by_owner(interaction: discord.Interaction, owner_ids: Collection[int]) -> bool:
@@ -241,10 +248,23 @@ async def stop(call: Call) -> Reply:
     return Reply("Nothing is running here.")
 
 
-async def reset(call: Call) -> Reply:
-    if call.interaction.channel_id is not None:
-        await call.app.reset(call.interaction.channel_id)
-    return Reply("🧹 Context reset: the personas ignore everything above this.", private=False)
+async def reset(call: Call, persona: str | None = None) -> Reply:
+    """The named persona (by default this bot's only one) then opens the new context with its card's
+    greeting, as a new chat starts in SillyTavern."""
+    interaction = call.interaction
+    voice = call.persona(persona) if persona or len(call.voices) == 1 else None
+    if interaction.channel is None:
+        raise CommandError("run this in a channel")
+    if interaction.guild is None and voice is not None and voice not in call.voices:
+        raise CommandError(f"{voice.name} cannot write in this DM; reset it without naming a persona")
+    await call.app.reset(interaction.channel.id)
+    text = "🧹 Context reset: the personas ignore everything above this."
+    if voice is None:
+        return Reply(text, private=False)
+    greeting = call.app.greeting(voice, interaction.channel, interaction.user)
+    if greeting is None:
+        return Reply(f"{text} (**{voice.name}** has no greeting for this chat.)", private=False)
+    return Reply(text, private=False, then=partial(call.app.greet, voice, interaction.channel, greeting))
 
 
 async def channel_settings(call: Call, group: bool | None = None, temperature: str | None = None,
@@ -311,7 +331,8 @@ COMMANDS: tuple[Command, ...] = (
         Param("topic", "what they talk about", "text"),
         Param("turns", "how many messages in all", "count", required=False))),
     Command("stop", "Stop the conversation and any reply being written here", stop),
-    Command("reset", "Forget the conversation so far in this channel", reset),
+    Command("reset", "Forget the conversation so far in this channel; the persona greets anew", reset,
+            (Param("persona", "who greets (default: this bot's)", "persona", required=False),)),
     Command("persona settings", "This channel's group chat, temperature and reply length (Manage Server)",
             channel_settings, (
                 Param("group", "personas answer each other when named", "flag", required=False),
@@ -352,6 +373,8 @@ def _callback(command: Command, app: App, voices: list[Voice]) -> Callable[..., 
         except CommandError as exc:
             reply = Reply(f"❓ {exc}")
         await call.send(reply)
+        if reply.then is not None:
+            await reply.then()
 
     async def names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return [app_commands.Choice(name=v.name, value=v.name) for v in app.voices

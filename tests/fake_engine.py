@@ -11,6 +11,7 @@ from bot.engine.base import Engine, EngineError
 from finetune.bundle import (
     ADAPTER_FILES, MANIFEST, BundleError, LoraInfo, Manifest, Sampling, base_manifest, load_manifest,
 )
+from finetune.cards.context import CardContext
 
 Script = Callable[[Manifest, list[dict[str, str]]], str]
 
@@ -102,15 +103,16 @@ class FakeEngine(Engine):
             self.active -= 1
 
 
-def write_bundle(folder: Path, name: str, base_model: str = "tiny") -> Path:
-    """A bundle folder the FakeEngine (and load_manifest) accepts; the adapter weights are placeholders."""
+def write_bundle(folder: Path, name: str, base_model: str = "tiny", card: CardContext | None = None) -> Path:
+    """A bundle folder the FakeEngine (and load_manifest) accepts; the adapter weights are placeholders.
+    ``card`` is what a card persona's bundle carries for serving (lorebook, greetings, ...)."""
     folder.mkdir(parents=True, exist_ok=True)
     for file in ADAPTER_FILES:
         (folder / file).write_text("{}")
     manifest = Manifest(
         name=name, base_model=base_model, base_model_spec=base_model, base_fingerprint={"hidden_size": 64},
         chat_template="{{ messages }}", system_prompt=f"You are {name}.", sampling=Sampling(),
-        lora=LoraInfo(r=8, alpha=16, dropout=0.0, target_modules="all-linear"), data_hash="0" * 64,
+        lora=LoraInfo(r=8, alpha=16, dropout=0.0, target_modules="all-linear"), data_hash="0" * 64, card=card,
     )
     (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2))
     return folder

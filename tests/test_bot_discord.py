@@ -5,7 +5,9 @@ import asyncio
 
 import pytest
 from fake_discord_harness import async_test, running
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, write_bundle
+
+from finetune.cards.context import CardContext
 
 from bot.app import StartupError
 from bot.streaming import split_message
@@ -113,6 +115,49 @@ async def test_reset_forgets_earlier_messages(tmp_path):
         ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} what did I say?")
         await h.reply_text(ask, "[brine-v1] Alice: @Brine what did I say?")
         assert h.engine.served[0].messages == [{"role": "user", "content": "Alice: @Brine what did I say?"}]
+
+
+@async_test
+async def test_reset_opens_the_new_context_with_the_cards_greeting(tmp_path):
+    """As a new chat does in SillyTavern: the persona posts one of its card's greetings ({{user}}: whoever
+    ran /reset), which its next reply sees as its own first turn; group-only greetings join in group chat."""
+    card = CardContext(greetings=["Ahoy, {{user}}!", "Who goes there, {{user}}?"], group_greetings=["Ahoy, all!"])
+    bundles = {"Brine": write_bundle(tmp_path / "bundles" / "brine-card", "brine-card", card=card),
+               "Coral": write_bundle(tmp_path / "bundles" / "coral-crew", "coral-crew",
+                                     card=CardContext(group_greetings=["Hello, crew!"]))}
+    async with running(tmp_path, bundles=bundles) as h:
+        brine, coral = h.bots["Brine"], h.bots["Coral"]
+
+        def said(bot, after: int) -> list[dict]:  # plain messages, not command answers (type 20)
+            return [m for m in h.general.messages if m["author"]["id"] == str(bot.id) and m["type"] == 0
+                    and int(m["id"]) > after]
+
+        h.fake.post(h.alice, h.general, "secret plans")
+        reset = h.fake.command(brine, h.alice, h.general, "reset")
+        assert "reset" in (await reset.text()).lower() and not reset.ephemeral
+        answered = int(h.fake.interaction_messages[reset.id][0]["id"])
+        await h.fake.wait_for(lambda: said(brine, answered))
+        greeting = said(brine, answered)[0]["content"]
+        assert greeting in ("Ahoy, Alice!", "Who goes there, Alice?")
+        ask = h.fake.post(h.alice, h.general, f"{brine.mention} who are you?")
+        await h.reply_text(ask, "[brine-card] Alice: @Brine who are you?")
+        assert h.engine.served[-1].messages == [{"role": "assistant", "content": greeting},
+                                                {"role": "user", "content": "Alice: @Brine who are you?"}]
+        # Coral's card greets only in group chat; named from another persona's bot, it is still Coral
+        quiet = h.fake.command(brine, h.alice, h.general, "reset", persona="Coral")
+        assert "no greeting" in await quiet.text()
+        await h.settled()
+        assert not said(coral, 0), "nothing posted"
+        await h.fake.command(coral, h.owner, h.general, "persona settings", group=True).text()
+        await h.fake.command(brine, h.alice, h.general, "reset", persona="Coral").text()
+        await h.fake.wait_for(lambda: said(coral, 0))
+        assert [m["content"] for m in said(coral, 0)] == ["Hello, crew!"]
+        dm = h.fake.dm_channel(h.alice, brine)  # a DM: the bot's own persona greets there
+        await h.fake.command(brine, h.alice, dm, "reset").text()
+        await h.fake.wait_for(lambda: any(m["type"] == 0 for m in dm.messages))
+        assert [m["content"] for m in dm.messages if m["type"] == 0][0] in ("Ahoy, Alice!", "Who goes there, Alice?")
+        refused = h.fake.command(brine, h.alice, dm, "reset", persona="Coral")
+        assert "cannot write in this DM" in await refused.text()
 
 
 @async_test

@@ -16,7 +16,7 @@ from finetune.cards.context import CardContext, CardTurns, apply_card_context
 from finetune.cards.examples import card_conversations, lorebook_usage
 from finetune.cards.files import load_card_json
 from finetune.cards.lorebook import LoreEntry, Lorebook, parse_character_book, triggered_entries
-from finetune.cards.macros import MacroContext, expand
+from finetune.cards.macros import MacroContext, expand, fill_user
 from finetune.conversation import DataError
 
 WREN = Path(__file__).parent / "data" / "cards" / "wren.json"
@@ -88,11 +88,26 @@ def test_serve_time_fields_are_kept() -> None:
     card = parse_card(wren(), "wren.json")
     assert card.post_history_instructions == "Stay terse."
     assert (card.depth_prompt.prompt, card.depth_prompt.depth) == ("Wren is tired and wants to sleep.", 2)
-    assert card.greetings[1] == "You're dripping on my floor, User."
+    assert card.greetings[1] == "You're dripping on my floor, {{user}}."  # whom it greets: known when serving
+    assert fill_user(card.greetings[1], "Ada") == "You're dripping on my floor, Ada."
     assert card.group_greetings == ["Two of you? Then I'll need more cups."]
+    assert not any("{{user}}" in p for p in card.problems), "a kept {{user}} is no unknown macro"
     context = card.context()
     as_manifest_stores_it = TypeAdapter(CardContext)  # Manifest.card: pydantic over the dataclasses
     assert as_manifest_stores_it.validate_json(as_manifest_stores_it.dump_json(context)) == context
+
+
+def test_greetings_open_a_chat_with_whoever_is_greeted() -> None:
+    import random
+
+    context = parse_card(wren(), "wren.json").context()
+    alone = {context.greeting("Ada", False, random.Random(i)) for i in range(40)}
+    assert alone == set(context.greetings) - {"You're dripping on my floor, {{user}}."} | {
+        "You're dripping on my floor, Ada."}
+    assert len(alone) == 2
+    in_group = {context.greeting("Ada", True, random.Random(i)) for i in range(40)}
+    assert in_group == alone | {"Two of you? Then I'll need more cups."}
+    assert CardContext(group_greetings=["Hi all."]).greeting("Ada", False, random.Random()) is None
 
 
 def test_examples_label_other_speakers_and_know_the_nickname() -> None:
@@ -106,6 +121,7 @@ def test_examples_label_other_speakers_and_know_the_nickname() -> None:
     assert by_origin["wren.json: mes_example[1]"][3]["content"] in ("Because storms eat wires.", "Because I said so.")
     assert by_origin["wren.json: mes_example[2]"] == [user("Can I go outside?"), bot("No.")]  # "Wren:" is hers
     assert by_origin["wren.json: group_only_greetings[0]"] == [bot("Two of you? Then I'll need more cups.")]
+    assert by_origin["wren.json: greetings[1]"] == [bot("You're dripping on my floor, User.")]  # as other examples
     # the lorebook entry that is a dialogue trains too; the lore entries do not
     assert by_origin["wren.json: character_book.entries[4]"] == [
         user('"Did your father keep the light?"'), bot('*She nods once.* "Forty years. Then me."'),

@@ -79,6 +79,30 @@ def test_terminal_chat_streams_and_keeps_history(tiny_bundle):
     assert "Arr," in result.output
 
 
+def test_terminal_chat_serves_a_cards_greeting_and_context(tiny_bundle, monkeypatch):
+    """A card bundle chats as the bot serves it: the greeting opens each chat (and is the first assistant
+    turn), and the card's post-history instructions follow the last turn."""
+    from finetune.bundle import MANIFEST, load_manifest
+    from finetune.cards.context import CardContext
+
+    manifest = load_manifest(tiny_bundle).model_copy(update={"card": CardContext(
+        greetings=["Ahoy, {{user}}!"], post_history_instructions="Answer in one line.")})
+    (tiny_bundle / MANIFEST).write_text(manifest.model_dump_json())
+    seen = []
+
+    def stream_reply(model, tokenizer, manifest, messages, sampling=None):
+        seen.append(messages)
+        yield "Arr."
+
+    monkeypatch.setattr("finetune.chat.stream_reply", stream_reply)
+    result = CliRunner().invoke(app, ["chat", str(tiny_bundle), "--quantization", "none"],
+                                input="hello\n/reset\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Ahoy, User!") == 2, "at the start and after /reset"
+    assert seen == [[{"role": "assistant", "content": "Ahoy, User!"}, {"role": "user", "content": "hello"},
+                     {"role": "system", "content": "Answer in one line."}]]
+
+
 def test_bitsandbytes_warning_about_its_hub_kernel_is_silenced_and_its_other_warnings_are_not():
     """bitsandbytes falls back to its own CPU kernel when it cannot fetch one from the hub; nothing to warn of."""
     bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger bitsandbytes 0.50 warns on

@@ -179,7 +179,7 @@ def test_card_json_fields_prompt_greetings_and_examples(tmp_path: Path) -> None:
     card = read_card(path)
     assert card.name == "Brine"
     assert card.system_prompt == DEFAULT_PROMPT
-    assert card.greetings == ["*spits* What do ye want, User?", "Ahoy."]
+    assert card.greetings == ["*spits* What do ye want, {{user}}?", "Ahoy."]  # the bot fills in whom it greets
     assert len(card.examples) == 3
     result = card_conversations(card, path)
     assert [c.messages for c in result.conversations] == [

@@ -53,8 +53,8 @@ class Card:
     card_system_prompt: str  # may still hold {{original}}
     post_history_instructions: str
     depth_prompt: DepthPrompt | None
-    greetings: list[str]  # first_mes, then alternate_greetings
-    group_greetings: list[str]  # V3 group_only_greetings: only when the character is one of several
+    greetings: list[str]  # first_mes, then alternate_greetings; {{user}} kept (``macros.fill_user``)
+    group_greetings: list[str]  # V3 group_only_greetings: more greetings, for group chats only
     examples: list[str]  # mes_example blocks, one example dialogue each
     lorebook: Lorebook | None
     problems: list[str] = field(default_factory=list)
@@ -126,6 +126,7 @@ def parse_card(raw: Any, where: str, seed: str = "") -> Card:
         raise ValueError(f"card has no '{prefix}name'")
     nickname = text("nickname")
     ctx = MacroContext(nickname or name, seed=f"{name}\0{seed}")
+    greeting = MacroContext(ctx.char, user=None, seed=ctx.seed)  # {{user}}: whoever the bot greets
 
     def fill(value: str, key: str, context: MacroContext = ctx) -> str:
         return expand(value, context, f"{where}: field '{prefix}{key}'", problems).strip()
@@ -149,11 +150,11 @@ def parse_card(raw: Any, where: str, seed: str = "") -> Card:
                                        MacroContext(ctx.char, original="", seed=ctx.seed)),
         depth_prompt=_depth_prompt(extensions.get("depth_prompt"), fill, f"{where}: {prefix}extensions",
                                    problems),
-        greetings=[fill(g, key) for key, g in [
+        greetings=[fill(g, key, greeting) for key, g in [
             ("first_mes", text("first_mes")),
             *((f"alternate_greetings[{i}]", g) for i, g in enumerate(strings("alternate_greetings"))),
         ] if g.strip()],
-        group_greetings=[fill(g, f"group_only_greetings[{i}]")
+        group_greetings=[fill(g, f"group_only_greetings[{i}]", greeting)
                          for i, g in enumerate(strings("group_only_greetings"))],
         examples=[b.strip() for b in _split_examples(fill(text("mes_example"), "mes_example")) if b.strip()],
         lorebook=lorebook,

@@ -3,14 +3,16 @@
 Lorebook entries join the system prompt after the persona's own ("before_char" ones first: the bot's
 seam always puts the character first, so it is extended, never replaced); the depth prompt and "at_depth"
 entries go ``depth`` messages from the end of the chat, as SillyTavern puts them; post-history
-instructions come after the last message. Standard library only, so the bot can import it without the
+instructions come after the last message; a greeting opens a new chat (the bot's /reset). Standard library only, so the bot can import it without the
 readers."""
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from finetune.cards.lorebook import Lorebook, triggered_entries
+from finetune.cards.macros import fill_user
 
 Message = dict[str, str]
 
@@ -27,6 +29,13 @@ class CardContext:
     depth_prompt_role: str = "system"
     greetings: list[str] = field(default_factory=list)
     group_greetings: list[str] = field(default_factory=list)
+
+    def greeting(self, user: str, group: bool, rng: random.Random) -> str | None:
+        """The message a new chat with ``user`` opens with, picked at random as swiping through them would:
+        the first message or an alternate, and in a group chat the group-only ones too (the V3 spec's
+        "additional greetings"); None when the card has none for this chat."""
+        pool = [*self.greetings, *(self.group_greetings if group else ())]
+        return fill_user(rng.choice(pool), user) if pool else None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from finetune.cards.card import Card
-from finetune.cards.macros import USER_NAME
+from finetune.cards.macros import USER_NAME, fill_user
 from finetune.conversation import Conversation, ReadResult, tidy_messages
 
 # another speaker in an example: one to three capitalised words ("Anon", "User 2", "Old Tom")
@@ -24,10 +24,10 @@ def card_conversations(card: Card, where: str) -> ReadResult:
         except ValueError as e:
             result.problems.append(f"{at}: {e}")
     for i, greeting in enumerate(card.greetings):
-        result.conversations.append(Conversation([{"role": "assistant", "content": greeting}],
+        result.conversations.append(Conversation([{"role": "assistant", "content": fill_user(greeting, USER_NAME)}],
                                                  f"{where}: greetings[{i}]"))
     for i, greeting in enumerate(card.group_greetings):
-        result.conversations.append(Conversation([{"role": "assistant", "content": greeting}],
+        result.conversations.append(Conversation([{"role": "assistant", "content": fill_user(greeting, USER_NAME)}],
                                                  f"{where}: group_only_greetings[{i}]"))
     for i, entry in enumerate(card.lorebook.entries if card.lorebook else ()):
         if not is_dialogue(entry.content, tag, card):

@@ -21,14 +21,16 @@ _RANDOM = re.compile(r"\{\{(random|pick)\s?::?([^}]+)\}\}", re.IGNORECASE)
 _RANDOM_USER = re.compile(r"\{\{\s*random_user_(\d+)\s*\}\}", re.IGNORECASE)
 _NAMED = re.compile(r"\{\{\s*(char|user|original|newline|noop)\s*\}\}", re.IGNORECASE)
 _ANY = re.compile(r"\{\{[^{}]*\}\}")
+_USER = re.compile(r"\{\{\s*user\s*\}\}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class MacroContext:
-    """What the macros of one card expand to. ``original=None`` keeps ``{{original}}`` for a later pass."""
+    """What the macros of one card expand to. ``original=None`` keeps ``{{original}}`` for a later pass, and
+    ``user=None`` keeps ``{{user}}`` (a greeting's: the bot fills in whom it greets, see ``fill_user``)."""
 
     char: str  # the V3 nickname when the card has one, else the name
-    user: str = USER_NAME
+    user: str | None = USER_NAME
     original: str | None = None
     seed: str = ""  # the card's identity (and the run's seed): picks and rolls repeat for the same card
 
@@ -41,7 +43,8 @@ def random_user(n: str | int) -> str:
 def expand(text: str, ctx: MacroContext, where: str = "", problems: list[str] | None = None) -> str:
     """``text`` with every supported macro replaced; unsupported ones stay and are named in ``problems``."""
     text = text.replace("\r\n", "\n")
-    text = _LEGACY.sub(lambda m: ctx.user if m[1].lower() == "user" else ctx.char, text)
+    user = "{{user}}" if ctx.user is None else ctx.user
+    text = _LEGACY.sub(lambda m: user if m[1].lower() == "user" else ctx.char, text)
     if "{{" not in text:
         return text
     rng_key = f"{ctx.seed}\0{text}"  # not where: moving the file must not change the text
@@ -52,7 +55,7 @@ def expand(text: str, ctx: MacroContext, where: str = "", problems: list[str] | 
         key = m[1].lower()
         if key == "original":
             return m[0] if ctx.original is None else ctx.original
-        return {"char": ctx.char, "user": ctx.user, "newline": "\n", "noop": ""}[key]
+        return {"char": ctx.char, "user": user, "newline": "\n", "noop": ""}[key]
 
     text = _NAMED.sub(named, text)
     text = _TRIM.sub("", text)  # after {{newline}}, as SillyTavern does: trim eats the newlines next to it
@@ -66,7 +69,13 @@ def expand(text: str, ctx: MacroContext, where: str = "", problems: list[str] | 
 
 
 def _keeps(macro: str, ctx: MacroContext) -> bool:
-    return ctx.original is None and macro.replace(" ", "").lower() == "{{original}}"
+    name = macro.replace(" ", "").lower()
+    return (ctx.original is None and name == "{{original}}") or (ctx.user is None and name == "{{user}}")
+
+
+def fill_user(text: str, user: str) -> str:
+    """``text`` with the ``{{user}}`` that ``MacroContext(user=None)`` kept filled in."""
+    return _USER.sub(lambda m: user, text)
 
 
 def _choose(body: str, key: str) -> str:
