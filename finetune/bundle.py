@@ -35,6 +35,10 @@ class Sampling(BaseModel):
     repetition_penalty: float = Field(1.1, gt=0)
     max_new_tokens: int = Field(200, ge=1)
     stop: list[str] = []
+    seed: int | None = Field(None, ge=0, description=(
+        "a reply's draws come from its own generator seeded with this, so the same seed, prompt and settings "
+        "give the same reply whatever else is batched with it; none: torch's shared generator (local engine) "
+        "or the server's choice"))
 
 
 class LoraInfo(BaseModel):

@@ -125,7 +125,8 @@ def data_synth(
     persona: Annotated[Path, typer.Argument(help="persona folder (its persona.toml gets the new source)")],
     count: Annotated[int, typer.Option("--count", "-n", help="conversations to attempt, resumed ones included")] = 80,
     turns: Annotated[int, typer.Option(help="most exchanges per conversation")] = 3,
-    seed: int = 42,
+    seed: Annotated[int, typer.Option(help="the same seed gives the same conversations (on the local "
+                                           "teacher, the sampled text too)")] = 42,
     tries: Annotated[int, typer.Option(help="samples of a reply before giving up on it")] = 6,
     out: Annotated[str, typer.Option(help="output JSONL, relative to the persona folder")] = "synth.jsonl",
     teacher_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible API root with /v1 (key: "

@@ -112,6 +112,25 @@ def test_mixed_adapter_batch_matches_each_request_alone_and_plain_generate(engin
         assert text == tiny_tokenizer.decode(reference, skip_special_tokens=True)
 
 
+def test_a_seeded_sampled_reply_is_the_same_alone_and_in_any_batch(engine):
+    """Each seeded request draws from its own generator: other sampled requests around it (started before it,
+    beside it, unseeded) change nothing; another seed gives another reply."""
+    hot = Sampling(temperature=1.0, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=24)
+    seeded = {n: hot.model_copy(update={"seed": n}) for n in (1, 2)}
+
+    async def main():
+        alone = await engine.complete("one", HELLO, seeded[1])
+        together = await asyncio.gather(
+            engine.complete("two", STORM, hot.model_copy(update={"max_new_tokens": 40})),
+            engine.complete("one", STORM, hot), engine.complete("one", HELLO, seeded[2]),
+            engine.complete("one", HELLO, seeded[1]), engine.complete("two", HELLO, hot))
+        return alone, together, await engine.complete("one", HELLO, seeded[2])
+
+    alone, together, other_alone = run(main())
+    assert together[3] == alone and together[2] == other_alone
+    assert alone != other_alone
+
+
 def test_slots_grow_for_more_adapters_and_higher_ranks(engine, tiny_model_dir, tmp_path, tiny_tokenizer):
     """Past the first slots and the first rank the stacks grow; every adapter still computes as in peft."""
     specs = {"r2": (11, 2, ["q_proj"]), "r16": (12, 16, "all-linear"), "r4a": (13, 4, ["down_proj"]),

@@ -170,6 +170,7 @@ def test_streams_the_prompt_rendered_here_with_the_bundles_template_under_the_mo
     assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")} == {
         "max_tokens": 64, "temperature": 0.7, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.1,
         "stop": ["\nUser:"]}
+    assert "seed" not in body, "no seed set: the server picks"
 
 
 def test_extra_request_fields_are_sent_as_given(bundles, tiny_model_dir):
@@ -395,7 +396,7 @@ def test_a_bundle_without_a_tokenizer_is_refused(bundles, tiny_model_dir, tmp_pa
 def test_serve_base_sends_the_name_as_model_with_the_messages_own_system_prompt(bundles, tiny_model_dir):
     """The synth teacher on a server: no bundle, the model by name, the prompt exactly as given, to
     /chat/completions (the server renders its own template: no tokenizer of the teacher is here)."""
-    teacher = Sampling(temperature=0.5, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=20)
+    teacher = Sampling(temperature=0.5, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=20, seed=7)
     messages = [{"role": "system", "content": "You play Brine."}, *HELLO]
 
     async def test(engine, server):
@@ -406,4 +407,4 @@ def test_serve_base_sends_the_name_as_model_with_the_messages_own_system_prompt(
     assert text == "".join(PIECES) and manifest.lora.r == 0 and manifest.system_prompt == ""
     body = requests[0][0]
     assert body["model"] == "big-teacher" and body["messages"] == messages and "prompt" not in body
-    assert (body["temperature"], body["max_tokens"]) == (0.5, 20) and "top_k" not in body
+    assert (body["temperature"], body["max_tokens"]) == (0.5, 20) and "top_k" not in body and body["seed"] == 7

@@ -102,6 +102,44 @@ def test_sampling_mixes_greedy_and_sampled_rows():
         assert {p[0] for p in picks} == {3} and len({p[1] for p in picks}) > 2
 
 
+def _seeded_draws(logits: torch.Tensor, settings: list[Sampling], steps: int = 40) -> list[list[int]]:
+    """``steps`` draws per row, each seeded row from a generator of its own, as the scheduler keeps them."""
+    gens = [None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in settings]
+    rows = batch_params(settings, logits.device)
+    rows["seen"] = torch.zeros(logits.shape, dtype=torch.bool)
+    return [next_tokens(logits, rows, settings, gens).tolist() for _ in range(steps)]
+
+
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch(top_k):
+    """Its draws depend on its seed and its logits only: not on its row, its neighbours, torch's own generator,
+    nor the last-bit differences in logits that a different batch shape gives."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64) * 0.5
+    seeded = Sampling(temperature=1.0, top_k=top_k, top_p=0.95, repetition_penalty=1, seed=7)
+    free = seeded.model_copy(update={"seed": None})
+    alone = [step[0] for step in _seeded_draws(logits, [seeded])]
+    nudged = logits + torch.randn(1, 64) * 1e-6
+    batch = torch.cat([torch.randn(1, 64), nudged, torch.randn(1, 64)])
+    torch.manual_seed(123)
+    batched = [step[1] for step in _seeded_draws(batch, [free, seeded, GREEDY])]
+    assert batched == alone and len(set(alone)) > 4
+    other = seeded.model_copy(update={"seed": 8})
+    assert [step[0] for step in _seeded_draws(logits, [other])] != alone
+
+
+def test_unseeded_rows_follow_torch_manual_seed_and_draws_follow_the_probabilities():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    hot = Sampling(temperature=1.0, top_k=0, top_p=1, repetition_penalty=1)
+    torch.manual_seed(5)
+    first = _seeded_draws(logits, [hot])
+    torch.manual_seed(5)
+    assert _seeded_draws(logits, [hot]) == first
+    draws = torch.tensor([step[0] for step in _seeded_draws(logits, [hot.model_copy(update={"seed": 1})], 4000)])
+    freq = torch.bincount(draws, minlength=5) / len(draws)
+    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.03)
+
+
 @pytest.mark.parametrize("settings", [(GREEDY,), (Sampling(), GREEDY), (Sampling(top_k=0), Sampling())])
 def test_sampling_never_reads_a_value_back_from_the_device(settings):
     """On the meta device any read of a tensor's value raises, as it would stall a GPU mid-step."""

@@ -198,14 +198,18 @@ def test_same_seed_same_conversations(tmp_path, nettle):
     assert strip(first) == strip(second)
 
 
-def test_synth_end_to_end_on_the_tiny_model_through_the_local_engine(tiny_model_dir, tmp_path):
-    folder = tmp_path / "tiny"
+def _tiny_persona(folder: Path) -> Path:
     folder.mkdir()
     (folder / "examples.jsonl").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"tell me about the {w}"},
         {"role": "assistant", "content": f"Arr, the {w} be fine, lad."}]}) + "\n" for w in ("tide", "storm")))
     (folder / "persona.toml").write_text('name = "Brine"\nsystem_prompt = "You are Brine."\n'
                                          '[[sources]]\npath = "examples.jsonl"\n')
+    return folder
+
+
+def test_synth_end_to_end_on_the_tiny_model_through_the_local_engine(tiny_model_dir, tmp_path):
+    folder = _tiny_persona(tmp_path / "tiny")
     result = CliRunner().invoke(app, ["data", "synth", str(folder), "--base-model", str(tiny_model_dir), "-n", "3",
                                       "--turns", "2", "--tries", "2", "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
@@ -214,6 +218,34 @@ def test_synth_end_to_end_on_the_tiny_model_through_the_local_engine(tiny_model_
     assert records and all(r["meta"]["teacher"] == f"local:{tiny_model_dir}" for r in records)
     assert "synth.jsonl" in (folder / "persona.toml").read_text()
     assert len(load_persona(folder).conversations) == 2 + len(records)
+
+
+def test_same_seed_same_sampled_conversations_on_the_local_engine(tiny_model_dir, tmp_path):
+    """The teacher's and the user simulator's sampled text too: every request carries its own seed, so two runs
+    agree however their concurrent requests happened to batch."""
+    import torch
+
+    from bot.engine import EngineConfig
+    from bot.engine.local.engine import LocalEngine
+    from finetune.bundle import Sampling
+
+    hot = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=8)
+
+    async def synth(folder: Path, seed: int) -> tuple[list, list]:
+        engine = LocalEngine(EngineConfig(base_model=str(tiny_model_dir), quantization="none", dtype=torch.float32,
+                                          max_batch=4))
+        try:
+            await synthesize(folder, engine, "teacher", "local", SynthOptions(
+                count=3, max_turns=2, tries=2, concurrency=3, seed=seed, sampling=hot, user_sampling=hot))
+        finally:
+            await engine.close()
+        kept = sorted(_records(folder / "synth.jsonl"), key=lambda r: r["meta"]["index"])
+        rejected = sorted(_records(folder / "synth.rejected.jsonl"), key=lambda r: r["index"])  # stable: in turn
+        return [(r["messages"], r["meta"]["tries"], r["meta"]["user_turns"]) for r in kept], rejected
+
+    (kept, rejected), again = (asyncio.run(synth(_tiny_persona(tmp_path / name), seed=4)) for name in ("a", "b"))
+    assert kept and rejected and (kept, rejected) == again
+    assert "generated" in {kind for _, _, kinds in kept for kind in kinds}, "the user simulator's text is seeded too"
 
 
 def test_synth_with_an_openai_compatible_teacher(nettle):

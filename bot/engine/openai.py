@@ -13,11 +13,12 @@ naming persona, module and server. Loading again (``/persona swap`` or ``reload`
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` lacks that endpoint and the swap is refused with that reason.
 The server reads the bundle from the path this process gives, so both must see the adapters at one path.
 
-Sampling goes out as ``temperature``, ``top_p``, ``max_tokens``, ``stop`` and the tokenizer's end-of-turn
-ids, plus vLLM's ``top_k`` and ``repetition_penalty`` when they are not neutral; ``request_extra`` adds
-fields as given (``{"ignore_eos": true}`` for a benchmark). Connect errors, 429 and 5xx are retried with
-exponential backoff (honouring ``Retry-After``) until the first piece of text has been streamed; after
-that a failure is an error, since a retry would repeat text the user has already seen.
+Sampling goes out as ``temperature``, ``top_p``, ``max_tokens``, ``stop`` and the tokenizer's end-of-turn ids,
+plus vLLM's ``top_k`` and ``repetition_penalty`` when they are not neutral and ``seed`` when set (vLLM and
+OpenAI take one per request); ``request_extra`` adds fields as given (``{"ignore_eos": true}`` for a
+benchmark). Connect errors, 429 and 5xx are retried with exponential backoff (honouring ``Retry-After``) until
+the first piece of text has been streamed; after that a failure is an error, since a retry would repeat text
+the user has already seen.
 """
 from __future__ import annotations
 
@@ -267,6 +268,8 @@ class OpenAIEngine(Engine):
             body["top_k"] = sampling.top_k
         if sampling.repetition_penalty != 1.0:
             body["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
         return body | self._extra
 
     def _http(self) -> aiohttp.ClientSession:

@@ -6,13 +6,20 @@ plus a ``meta`` record of provenance), rejected replies and dropped conversation
 A rerun skips every index found in either file, so an interrupted run continues where it stopped.
 
 Reproducible with the same seed: which conversations exist, their topics, openers, lengths, example choice
-and templated follow-ups. The teacher's sampled text is not: the local engine samples from one shared
-generator in whatever batches requests happen to form.
+and templated follow-ups, and on the local engine the sampled text too: every teacher and user-simulator
+request carries a seed of its own, fixed by (run seed, conversation, turn, try) and not by when it runs, and
+the engine draws each seeded reply from its own generator, the same in whatever batch it lands (barring a
+draw within rounding error of a token's boundary, see ``bot.engine.local.sampling``). A server
+(``--teacher-url``) gets the same seeds; whether it honours them is up to it (vLLM does, per request). Not
+promised: the same text from another engine, device, dtype or library version, whose logits differ; nor
+which of two near-identical replies written at once by concurrent conversations the near-duplicate filter
+keeps (it compares with the replies kept so far; ``--concurrency 1`` fixes that order too).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -141,14 +148,14 @@ async def _converse(engine: Any, teacher: str, sheet: CharacterSheet, conversati
     for turn in range(conversation.turns):
         kind = "template"
         if turn:
-            user, kind = await _follow_up(engine, teacher, sheet, outcome.messages, options,
-                                          conversation.fallbacks[turn - 1])
+            user, kind = await _follow_up(engine, teacher, sheet, outcome.messages, options, conversation, turn)
             report.user_fallbacks += kind == "template"
         outcome.messages.append({"role": "user", "content": user})
         reply = None
         for attempt in range(1, options.tries + 1):
             prompt = character_messages(sheet, conversation.examples, outcome.messages)
-            text = clean_reply(await engine.complete(teacher, prompt, options.sampling), sheet.name)
+            sampling = _seeded(options.sampling, options.seed, conversation.index, turn, "character", attempt)
+            text = clean_reply(await engine.complete(teacher, prompt, sampling), sheet.name)
             reason = reply_filter.reason(text)
             if reason is None:
                 reply = text
@@ -166,14 +173,22 @@ async def _converse(engine: Any, teacher: str, sheet: CharacterSheet, conversati
 
 
 async def _follow_up(engine: Any, teacher: str, sheet: CharacterSheet, messages: list[dict[str, str]],
-                     options: SynthOptions, fallback: str) -> tuple[str, str]:
+                     options: SynthOptions, conversation: Plan, turn: int) -> tuple[str, str]:
     """(the user's next line, "generated" or "template")."""
-    for _ in range(USER_TRIES):
-        text = await engine.complete(teacher, user_messages(sheet, messages), options.user_sampling)
+    for attempt in range(1, USER_TRIES + 1):
+        sampling = _seeded(options.user_sampling, options.seed, conversation.index, turn, "user", attempt)
+        text = await engine.complete(teacher, user_messages(sheet, messages), sampling)
         line = clean_user_line(text, sheet.name)
         if line and line.casefold() not in (m["content"].casefold() for m in messages):
             return line, "generated"
-    return fallback, "template"
+    return conversation.fallbacks[turn - 1], "template"
+
+
+def _seeded(sampling: Sampling, seed: int, index: int, turn: int, role: str, attempt: int) -> Sampling:
+    """``sampling`` with this request's own seed: set by its place in the run, so a rerun draws alike. 31 bits,
+    which every server's seed field holds."""
+    own = random.Random(f"{seed}:{index}:{turn}:{role}:{attempt}").getrandbits(31)
+    return sampling.model_copy(update={"seed": own})
 
 
 def _record(outcome: _Outcome, sheet: CharacterSheet, options: SynthOptions, label: str, out: Path, log: Path,

@@ -29,13 +29,22 @@ def seen_tokens(prompt: list[int], vocab: int, device: torch.device) -> torch.Te
     return seen
 
 
-def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor], settings: Sequence[Sampling]) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor], settings: Sequence[Sampling],
+                generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
     """[B] next token ids from [B, V] float logits; the same order of steps as ``transformers.generate``.
 
     Repetition penalty (divide positive / multiply negative logits of seen tokens), then per row either
-    greedy (temperature 0) or temperature, top-k (0 = off), top-p and a multinomial draw. ``rows`` holds the
+    greedy (temperature 0) or temperature, top-k (0 = off), top-p and one draw. ``rows`` holds the
     settings as tensors (``batch_params``), ``settings`` the same rows on the host: the branches are decided
     from those, since reading a value back from the GPU would wait for the step there to finish.
+
+    The draw is one uniform per sampled row, from that row's ``generators`` entry (a seeded request's own CPU
+    generator) or, where that is None, torch's default CPU generator, so ``torch.manual_seed`` governs the
+    rest. The token is where it falls on the cumulative probabilities of the kept tokens in vocabulary order
+    (inverse CDF): the last-bit differences a different batch shape makes in the logits move the boundaries
+    by as much, so a seeded reply comes out the same alone or in any batch unless a draw falls within that
+    rounding of a boundary (a multinomial draw over the batch promises nothing of the kind, and sorted order
+    would swap near-ties).
     """
     penalty = rows["penalty"][:, None]
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
@@ -56,7 +65,20 @@ def next_tokens(logits: torch.Tensor, rows: dict[str, torch.Tensor], settings: S
     sorted_logits = sorted_logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= rows["top_p"][:, None], float("-inf"))
-    choice = torch.multinomial(sorted_logits.softmax(dim=-1), 1)
-    sampled = order.gather(-1, choice).squeeze(-1)
+    probs = sorted_logits.masked_fill(mass_before >= rows["top_p"][:, None], float("-inf")).softmax(dim=-1)
+    cdf = torch.zeros_like(scaled).scatter_(-1, order, probs).cumsum(dim=-1)  # in vocabulary order
+    total = cdf[:, -1:]
+    # one host-to-device copy; non_blocking, since a blocking one would first wait for the step running there
+    u = _uniforms(settings, generators or [None] * len(settings)).to(logits.device, non_blocking=True)[:, None]
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))  # short of the last kept token's end
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # cdf only rises at kept tokens
     return torch.where(temperature == 0, greedy, sampled)
+
+
+def _uniforms(settings: Sequence[Sampling], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """[B] one draw in [0, 1) per sampled row (0 for greedy rows, which draw nothing), made on the host."""
+    u = torch.zeros(len(settings))
+    for i, (s, generator) in enumerate(zip(settings, generators, strict=True)):
+        if s.temperature > 0:
+            u[i] = torch.rand((), generator=generator)
+    return u

@@ -72,6 +72,12 @@ class Request:
     """set from the consumer's side; the worker drops the request before its next step"""
     tokens: list[int] = field(default_factory=list)
     text: ReplyText | None = None
+    generator: torch.Generator | None = field(init=False)
+    """its own draws when its sampling has a seed (CPU: the uniforms are drawn on the host), else None"""
+
+    def __post_init__(self) -> None:
+        seed = self.sampling.seed
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -286,7 +292,7 @@ class Scheduler:
         return True
 
     def _sample(self, batch: DecodeBatch, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        tokens = next_tokens(logits, batch.rows, [r.sampling for r in requests])
+        tokens = next_tokens(logits, batch.rows, [r.sampling for r in requests], [r.generator for r in requests])
         batch.rows["last"] = tokens
         batch.rows["seen"].scatter_(1, tokens[:, None], True)
         return tokens.tolist()
