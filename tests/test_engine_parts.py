@@ -303,6 +303,51 @@ def test_lora_slots_add_each_rows_adapter_to_the_layer_output(base_dtype):
         torch.testing.assert_close(got, expected, **tolerance)
 
 
+def test_a_mixed_decode_batch_gathers_its_rows_lora_weights_once():
+    """On a CPU, the steps of one decode batch reuse the rows' gathered weights (the copy was half the LoRA
+    time); new rows, or an adapter replaced in a slot they use, gather afresh."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24))
+    lora = LoraSlots(model, torch.float32, torch.device("cpu"))
+
+    def adapter() -> dict:
+        return {"0": (torch.randn(4, 16), torch.randn(24, 4) / 4)}
+
+    weights = {}
+    for _ in range(2):
+        w = adapter()
+        weights[lora.add(w)] = w["0"]
+    x = torch.randn(3, 1, 16)  # decode: one new token per row
+
+    def step(slots: list[int]) -> tuple[torch.Tensor, int]:
+        with profile() as prof, torch.inference_mode(), lora.route(slots):
+            out = model(x)
+        return out, sum(e.name == "aten::index_select" for e in prof.events())
+
+    def want(slots: list[int]) -> torch.Tensor:
+        base = model(x)
+        return torch.stack([base[i] + (x[i] @ weights[s][0].T @ weights[s][1].T if s else 0)
+                            for i, s in enumerate(slots)])
+
+    with torch.inference_mode():
+        first, gathers = step([1, 0, 2])
+        assert gathers == 2, "A and B for the rows"
+        again, gathers = step([1, 0, 2])
+        assert gathers == 0 and torch.equal(first, again)
+        other, gathers = step([2, 1, 1])
+        assert gathers == 2
+        torch.testing.assert_close(other, want([2, 1, 1]))
+        lora.remove(2)
+        w = adapter()
+        assert lora.add(w) == 2, "the freed slot, with another adapter's weights"
+        weights[2] = w["0"]
+        fresh, gathers = step([2, 1, 1])
+        assert gathers == 2
+        torch.testing.assert_close(fresh, want([2, 1, 1]))
+
+
 def test_special_tokens_a_user_types_are_tokenized_as_text(tiny_tokenizer):
     manifest = _manifest(tiny_tokenizer)
     start = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
