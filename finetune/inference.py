@@ -60,7 +60,10 @@ def stream_reply(
     ids = encode_prompt(tokenizer, manifest.system_prompt, messages, manifest.chat_template)
     input_ids = torch.tensor([ids], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = sampling_kwargs(sampling or manifest.sampling, tokenizer, model)
+    sampling = sampling or manifest.sampling
+    kwargs = sampling_kwargs(sampling, tokenizer, model)
+    if sampling.seed is not None:  # generate draws from torch's generator: seeded, the same prompt repeats
+        torch.manual_seed(sampling.seed)
     worker = threading.Thread(
         target=model.generate,
         kwargs={"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "streamer": streamer, **kwargs},

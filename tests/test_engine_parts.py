@@ -334,11 +334,13 @@ def test_a_mixed_decode_batch_gathers_its_rows_lora_weights_once():
     with torch.inference_mode():
         first, gathers = step([1, 0, 2])
         assert gathers == 2, "A and B for the rows"
+        kept, gathers = step([1, 0, 2])
+        assert gathers == 2, "the rows stayed a second step: gathered once more, and kept"
         again, gathers = step([1, 0, 2])
-        assert gathers == 0 and torch.equal(first, again)
-        other, gathers = step([2, 1, 1])
-        assert gathers == 2
-        torch.testing.assert_close(other, want([2, 1, 1]))
+        assert gathers == 0 and torch.equal(first, again) and torch.equal(kept, again)
+        other = [step([2, 1, 1]) for _ in range(3)]
+        assert [gathers for _, gathers in other] == [2, 2, 0]
+        torch.testing.assert_close(other[-1][0], want([2, 1, 1]))
         lora.remove(2)
         w = adapter()
         assert lora.add(w) == 2, "the freed slot, with another adapter's weights"

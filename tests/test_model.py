@@ -103,6 +103,23 @@ def test_terminal_chat_serves_a_cards_greeting_and_context(tiny_bundle, monkeypa
                      {"role": "system", "content": "Answer in one line."}]]
 
 
+def test_a_seeded_sampling_repeats_its_reply(tiny_bundle):
+    """finetune chat and eval honour a persona's sampling seed as the engines do."""
+    from finetune.bundle import Sampling
+    from finetune.inference import load_bundle_model, reply
+
+    model, tokenizer, manifest = load_bundle_model(tiny_bundle, quantization="none")
+    said = [{"role": "user", "content": "tell me about the boat"}]
+
+    def sampled(seed: int) -> str:
+        torch.manual_seed(1000 + seed)  # whatever the shared generator holds
+        return reply(model, tokenizer, manifest, said, Sampling(temperature=1.5, top_k=0, top_p=1.0,
+                                                                  max_new_tokens=24, seed=seed))
+
+    assert sampled(3) == sampled(3)
+    assert len({sampled(seed) for seed in range(4)}) > 1, "another seed, another reply"
+
+
 def test_bitsandbytes_warning_about_its_hub_kernel_is_silenced_and_its_other_warnings_are_not():
     """bitsandbytes falls back to its own CPU kernel when it cannot fetch one from the hub; nothing to warn of."""
     bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger bitsandbytes 0.50 warns on

@@ -87,6 +87,11 @@ class LoraSlots:
         self._gathered: dict[_Stack, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._gathered_for: tuple = ()
         """The rows' gathered A and B blocks per stack, for (slots, writes, version): one decode batch's."""
+        self._forwards = 0
+        self._first_seen: tuple[tuple, int] = ((), 0)
+        """A decode key and the forward it first came in: the rows of a batch filling up change every step,
+        and keeping their copies cost fresh memory each time (8 requests arriving at once: 8% later first
+        tokens), so only rows that stay a second step are kept."""
         self.version = 0
         """Changes whenever a forward's LoRA work changes shape: a captured graph of the old one is stale."""
 
@@ -130,6 +135,7 @@ class LoraSlots:
         ``rows``: ``slots`` as a tensor on the device, from a caller that keeps it (a captured graph reads
         it at every replay)."""
         first = slots[0]
+        self._forwards += 1
         self._single = first if all(s == first for s in slots) else None
         if self._single is None:
             self._rows = rows if rows is not None else torch.tensor(slots, device=self._device)
@@ -211,6 +217,10 @@ class LoraSlots:
                     [b.index_select(0, self._rows).transpose(1, 2) for b in blocks])
         if keep:
             if self._gathered_for != key:
+                if self._first_seen[0] != key:
+                    self._first_seen = (key, self._forwards)
+                if self._first_seen[1] == self._forwards:  # these rows' first step: they may not stay
+                    return gathered
                 self._gathered, self._gathered_for = {}, key
             self._gathered[stack] = gathered
         return gathered
