@@ -111,8 +111,10 @@ def test_a_seeded_sampling_repeats_its_reply(tiny_bundle):
     model, tokenizer, manifest = load_bundle_model(tiny_bundle, quantization="none")
     said = [{"role": "user", "content": "tell me about the boat"}]
 
+    calls = iter(range(1000, 2000))
+
     def sampled(seed: int) -> str:
-        torch.manual_seed(1000 + seed)  # whatever the shared generator holds
+        torch.manual_seed(next(calls))  # the shared generator is somewhere else at every call
         return reply(model, tokenizer, manifest, said, Sampling(temperature=1.5, top_k=0, top_p=1.0,
                                                                   max_new_tokens=24, seed=seed))
 
