@@ -338,6 +338,8 @@ def test_a_mixed_decode_batch_gathers_its_rows_lora_weights_once():
         assert gathers == 2, "the rows stayed a second step: gathered once more, and kept"
         again, gathers = step([1, 0, 2])
         assert gathers == 0 and torch.equal(first, again) and torch.equal(kept, again)
+        lora.drop_gathered()  # the batch emptied: nothing is held
+        assert step([1, 0, 2])[1] == 2
         other = [step([2, 1, 1]) for _ in range(3)]
         assert [gathers for _, gathers in other] == [2, 2, 0]
         torch.testing.assert_close(other[-1][0], want([2, 1, 1]))

@@ -206,6 +206,10 @@ class LoraSlots:
                     target.add_(torch.bmm(h, b))
         return out
 
+    def drop_gathered(self) -> None:
+        """Free the copies kept for a decode batch (the scheduler's batch has emptied)."""
+        self._gathered, self._gathered_for = {}, ()
+
     def _gathered_weights(self, stack: _Stack, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The rows' A [rows, in, rank] and B blocks [rows, rank, out], gathered; ``keep``: reuse and keep
         them while the rows, their slots and every slot's weights stay as they are (a decode batch's steps)."""

@@ -330,6 +330,7 @@ class Scheduler:
             self._batch.keep(keep)
         else:
             self._batch = None
+            self._runtime.lora.drop_gathered()
         self._rows = [self._rows[i] for i in keep]
 
     def _finish(self, request: Request) -> None:
