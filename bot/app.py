@@ -520,7 +520,8 @@ class PersonaBot:
         except EngineError:  # not loaded: the stream below reports it as for any reply
             card = None
         messages = assemble(turns, context or (), card=card)
-        pieces = self.engine.stream(voice.persona.name, messages, self.sampling(voice, channel.id))  # type: ignore[attr-defined]
+        sampling = self.sampling(voice, channel.id)  # type: ignore[attr-defined]
+        pieces = self.engine.stream(voice.persona.name, messages, sampling)
         return await self._write(voice, channel, _prefixed(prefix, pieces) if prefix else pieces,
                                  reply_to=reply_to, target=target, session=session)
 
@@ -621,7 +622,8 @@ class PersonaBot:
         if card is None or not _permits(voice, user, channel) or (_guild_id(channel) is None and not voice.can_dm):
             return None
         name = clean_name(getattr(user, "display_name", user.name)) or clean_name(user.name) or "there"
-        return card.greeting(name, self.settings_for(channel.id).group_chat, self._rng)  # type: ignore[attr-defined]
+        group = self.settings_for(channel.id).group_chat  # type: ignore[attr-defined]
+        return card.greeting(name, group, self._rng)
 
     async def greet(self, voice: Voice, channel: discord.abc.Messageable, text: str) -> None:
         """Post a ``greeting`` as ``voice``, in turn with the replies the channel is writing."""

@@ -3,8 +3,8 @@
 Lorebook entries join the system prompt after the persona's own ("before_char" ones first: the bot's
 seam always puts the character first, so it is extended, never replaced); the depth prompt and "at_depth"
 entries go ``depth`` messages from the end of the chat, as SillyTavern puts them; post-history
-instructions come after the last message; a greeting opens a new chat (the bot's /reset). Standard library only, so the bot can import it without the
-readers."""
+instructions come after the last message; a greeting opens a new chat (the bot's /reset). Standard library
+only, so the bot can import it without the readers."""
 from __future__ import annotations
 
 import random

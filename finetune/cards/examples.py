@@ -23,12 +23,11 @@ def card_conversations(card: Card, where: str) -> ReadResult:
             result.conversations.append(Conversation(tidy_messages(messages), at))
         except ValueError as e:
             result.problems.append(f"{at}: {e}")
-    for i, greeting in enumerate(card.greetings):
+    greetings = [*((f"greetings[{i}]", g) for i, g in enumerate(card.greetings)),
+                 *((f"group_only_greetings[{i}]", g) for i, g in enumerate(card.group_greetings))]
+    for at, greeting in greetings:  # the character speaking first, to the User of the examples
         result.conversations.append(Conversation([{"role": "assistant", "content": fill_user(greeting, USER_NAME)}],
-                                                 f"{where}: greetings[{i}]"))
-    for i, greeting in enumerate(card.group_greetings):
-        result.conversations.append(Conversation([{"role": "assistant", "content": fill_user(greeting, USER_NAME)}],
-                                                 f"{where}: group_only_greetings[{i}]"))
+                                                 f"{where}: {at}"))
     for i, entry in enumerate(card.lorebook.entries if card.lorebook else ()):
         if not is_dialogue(entry.content, tag, card):
             continue
