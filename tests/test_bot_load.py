@@ -55,3 +55,21 @@ async def test_a_burst_stays_under_the_global_limit(tmp_path):
         await h.settled(20)
         assert not h.fake.rate_limited, f"{len(h.fake.rate_limited)} requests drew a 429"
         assert h.app.backlog.reads == len(channels), "one history read per channel, the cache after that"
+
+
+@async_test
+async def test_two_personas_alternating_in_a_channel_read_its_history_once_each(tmp_path):
+    """Each own-account persona has its own client, gateway session and message cache: one history read per
+    persona per channel, however often they take turns (the second persona's read used to replace the
+    first's, so almost every reply read the channel again)."""
+    async with running(tmp_path) as h:
+        brine, coral = h.bots["Brine"], h.bots["Coral"]
+        for k in range(6):
+            bot = (brine, coral)[k % 2]
+            ask = h.fake.post(h.alice, h.general, f"{bot.mention} turn {k}")
+            await h.fake.wait_for(lambda: h.replies(ask), timeout=10)
+            await h.settled()
+        assert h.app.backlog.reads == 2, "one read per persona's client"
+        last = h.engine.served[-1].messages
+        assert [m["content"].splitlines()[-1] for m in last if m["role"] == "user"][-1] == "Alice: @Coral turn 5"
+        assert len(last) >= 5, "the cached history still carries the earlier turns"
