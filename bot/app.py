@@ -23,7 +23,7 @@ from .client import BotClient
 from .commands import by_admin, register
 from .config import ConfigError, PersonaSpec, Settings, persona_token
 from .converse import ConverseSession
-from .delivery import persist
+from .delivery import DeliveryError, persist
 from .engine.base import Engine, EngineError
 from .errors import CommandError
 from .group import GroupChats, named
@@ -206,8 +206,9 @@ class PersonaBot:
         text = (f"⏹️ The conversation about *{record.topic}* was cut off by a restart after {record.spoken} of "
                 f"{record.turns} turns; `/converse` starts a new one.")
         try:
-            await channel.send(text)  # type: ignore[union-attr]
-        except discord.HTTPException as exc:
+            await persist(lambda: channel.send(text), f"the restart notice in channel {record.channel_id}",  # type: ignore[union-attr]
+                          self.settings.delivery_deadline)
+        except (discord.HTTPException, DeliveryError) as exc:
             log.warning("cannot tell channel %s about the interrupted conversation: %s", record.channel_id, exc)
 
     async def _login(self, client: BotClient) -> None:
@@ -808,15 +809,17 @@ class PersonaBot:
         record = ReplyRecord(stream.message_ids[0], message.channel.id, voice.name, message.author.id, message.id,
                              [stream.text])
         write = partial(self.limiter.acquire, record.channel_id, _guild_id(channel))
+        deadline = self.settings.delivery_deadline
         async with self._offers[record.channel_id]:
             previous = await self.state.run(self.state.offer_reply, record)
             try:
-                await buttons.show(channel, record, write)
-            except discord.HTTPException as exc:
+                await buttons.show(channel, record, write, deadline)
+            except (discord.HTTPException, DeliveryError) as exc:
                 log.warning("cannot add buttons to message %s: %s", record.message_id, exc)
             owner = self.voice(previous.persona) if previous is not None else None
             if previous is not None and owner is not None:
-                await buttons.strip(owner.client.get_channel(previous.channel_id) or channel, previous, write)
+                await buttons.strip(owner.client.get_channel(previous.channel_id) or channel, previous, write,
+                                    deadline)
 
     async def press(self, client: BotClient, interaction: discord.Interaction) -> None:
         """A button on a reply: page its swipes, or regenerate or continue it (the asker and admins only)."""
@@ -836,7 +839,11 @@ class PersonaBot:
         elif action in ("regen", "more"):
             await self.queues.submit(record.channel_id, partial(self._rewrite, voice, channel, record, action))
         await self.state.run(self.state.update_reply, record)
-        await buttons.show(channel, record, partial(self.limiter.acquire, record.channel_id, _guild_id(channel)))  # type: ignore[arg-type]
+        write = partial(self.limiter.acquire, record.channel_id, _guild_id(channel))
+        try:
+            await buttons.show(channel, record, write, self.settings.delivery_deadline)  # type: ignore[arg-type]
+        except (discord.HTTPException, DeliveryError) as exc:
+            log.warning("cannot show swipe %d of message %s: %s", record.shown + 1, record.message_id, exc)
 
     async def _rewrite(self, voice: Voice, channel: discord.abc.Messageable, record: ReplyRecord, action: str) -> None:
         """Regenerate (a new swipe, shown) or continue (the shown swipe, extended) in the reply's message."""

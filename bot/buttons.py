@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import discord
 
+from .delivery import DeliveryError, persist
 from .state import ReplyRecord
 from .streaming import PLACEHOLDER, ReplyTarget, split_message
 
@@ -77,21 +78,30 @@ class Rewrite:
         return self.inner.typing()
 
 
-async def show(channel: discord.abc.Messageable, record: ReplyRecord, write: Callable[[], Awaitable[None]]) -> None:
+async def show(channel: discord.abc.Messageable, record: ReplyRecord, write: Callable[[], Awaitable[None]],
+               deadline: float) -> None:
     """Put ``record``'s shown swipe and its buttons on its message; ``write`` waits for a write slot."""
-    await write()
-    await channel.get_partial_message(record.message_id).edit(  # type: ignore[attr-defined]
-        content=_first(record), view=view(record))
+    await _edit(channel, record, view(record), write, deadline)
 
 
-async def strip(channel: discord.abc.Messageable, record: ReplyRecord, write: Callable[[], Awaitable[None]]) -> None:
+async def strip(channel: discord.abc.Messageable, record: ReplyRecord, write: Callable[[], Awaitable[None]],
+                deadline: float) -> None:
     """Take the buttons off a reply that is no longer its channel's latest; a failure only logs."""
-    await write()
     try:
-        await channel.get_partial_message(record.message_id).edit(  # type: ignore[attr-defined]
-            content=_first(record), view=None)
-    except discord.HTTPException as exc:
+        await _edit(channel, record, None, write, deadline)
+    except (discord.HTTPException, DeliveryError) as exc:
         log.info("cannot take the buttons off message %s: %s", record.message_id, exc)
+
+
+async def _edit(channel: discord.abc.Messageable, record: ReplyRecord, buttons: discord.ui.View | None,
+                write: Callable[[], Awaitable[None]], deadline: float) -> None:
+    """One edit of the reply, retried through rate limits and outages as its text was (``delivery``)."""
+    async def once() -> None:
+        await write()
+        await channel.get_partial_message(record.message_id).edit(  # type: ignore[attr-defined]
+            content=_first(record), view=buttons)
+
+    await persist(once, f"the buttons of message {record.message_id}", deadline)
 
 
 def _first(record: ReplyRecord) -> str:

@@ -96,3 +96,17 @@ async def test_a_dm_reply_is_a_plain_message_with_buttons(tmp_path):
         await h.fake.wait_for(lambda: ids(h, reply))
         await pressed(h, reply, "regen")
         await h.fake.wait_for(lambda: reply["content"] == "take 2")
+
+
+@async_test
+async def test_buttons_arrive_through_a_cloudflare_429(tmp_path):
+    """The buttons' edit goes through the same retries as the reply's own writes (discord.py does not retry
+    a Cloudflare 429 at all)."""
+    async with running(tmp_path, engine=FakeEngine(lambda manifest, messages: "take 1", piece=100)) as h:
+        h.fake.rate_limit("PATCH", r"/channels/\d+/messages/\d+$", retry_after=0.05, cloudflare=True)
+        ask = h.fake.post(h.alice, h.general, f"{h.bots['Brine'].mention} tell me a story")
+        reply = await h.reply_text(ask, "take 1")
+        await h.fake.wait_for(lambda: any(r.status == 429 for r in h.fake.requests), timeout=10)
+        refused = [r for r in h.fake.requests if r.status == 429]
+        assert len(refused) == 1 and "components" in refused[0].body, "the buttons' edit met the 429"
+        await h.fake.wait_for(lambda: ids(h, reply), timeout=10)

@@ -211,6 +211,20 @@ async def test_a_restart_mid_conversation_loses_nothing_the_user_was_told(tmp_pa
 
 
 @async_test
+async def test_the_restart_notice_gets_through_a_cloudflare_429(tmp_path):
+    """The notice goes through the retries every write gets (discord.py does not retry a Cloudflare 429)."""
+    async with running(tmp_path) as h:
+        h.engine.delay = 0.02
+        h.fake.command(h.bots["Brine"], h.alice, h.general, "converse", persona_a="Brine", persona_b="Coral",
+                       topic="tides", turns=20)
+        await h.fake.wait_for(lambda: len(h.engine.served) == 2)
+        h.fake.rate_limit("POST", r"/channels/\d+/messages$", retry_after=0.05, cloudflare=True)
+        await h.restart()
+        await h.fake.wait_for(lambda: h.general.messages[-1]["content"].startswith("⏹️ The conversation about"))
+        assert any(r.status == 429 for r in h.fake.requests), "the notice met the 429"
+
+
+@async_test
 async def test_a_kept_swap_outside_adapters_dir_is_refused_at_start(tmp_path, caplog):
     """The state database may predate ADAPTERS_DIR's current setting or be edited by hand: a kept bundle
     loads again only through /persona swap's own check."""

@@ -19,11 +19,12 @@ MESSAGE_COMPONENT = 3  # interaction type
 
 
 def components(fake: FakeDiscord, message: dict) -> list[dict]:
-    """The components the bot last sent for ``message`` (from its recorded create/edit requests: the fake's
-    message payloads do not carry them), flattened out of their action rows."""
+    """The components the bot last set on ``message`` (from its recorded create/edit requests that succeeded:
+    the fake's message payloads do not carry them), flattened out of their action rows."""
     found: list[dict] = []
     for request in fake.requests:
-        if request.method in ("POST", "PATCH") and isinstance(request.body, dict) and "components" in request.body:
+        if (request.method in ("POST", "PATCH") and request.status < 400 and isinstance(request.body, dict)
+                and "components" in request.body):
             if request.path.endswith(f"/messages/{message['id']}"):
                 found = [c for row in request.body["components"] for c in row.get("components", [])]
     return found
