@@ -43,6 +43,28 @@ def test_split_chunks_already_sent_do_not_change_as_the_text_grows():
 
 
 @async_test
+async def test_the_pacer_spreads_a_tokens_requests_instead_of_sending_them_in_bursts():
+    """A burst may go out together up to ``burst``, the rest one every ``1 / per_second``: a one-second
+    window never holds more than ``per_second + burst - 1``. A sliding window alone sent 40 at once, then 40
+    more a second later, and the fake, its event loop busy, saw 50 of them arrive within a second."""
+    from bot.client import Pacer
+
+    pacer = Pacer(per_second=40, burst=5)
+    sent = []
+
+    async def request() -> None:
+        await pacer.wait()
+        sent.append(time.monotonic())
+
+    start = time.monotonic()
+    await asyncio.gather(*(request() for _ in range(30)))
+    offsets = sorted(t - start for t in sent)
+    assert offsets[4] < 0.02, "the first five go at once"
+    gaps = [b - a for a, b in zip(offsets[4:], offsets[5:])]
+    assert min(gaps) > 0.02 and 0.6 < offsets[-1] < 0.75, "then one every 25 ms"
+
+
+@async_test
 async def test_limiter_spaces_writes_per_channel_and_globally():
     limiter = EditLimiter(per_channel=0.1, per_second=50)
     start = time.monotonic()
