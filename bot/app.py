@@ -253,11 +253,14 @@ class PersonaBot:
         for session in self.sessions.values():
             session.stop("shutting down")
         await self.queues.close()
-        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
-        for task in [*self._tasks, *(c.connection for c in self.clients if c.connection)]:
+        for task in self._tasks:  # before the clients close: work on a closed HTTP session only fails
             task.cancel()
-        await asyncio.gather(*self._tasks, *(c.connection for c in self.clients if c.connection),
-                             return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+        connections = [c.connection for c in self.clients if c.connection]
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
         if isinstance(self._engine, Engine):
             await self._engine.close()
         await asyncio.to_thread(self.state.close)
@@ -871,8 +874,13 @@ class PersonaBot:
         """Work nobody waits for (memory writes, notes): tracked so close() cancels it instead of leaving it
         running against a closed state database."""
         task = asyncio.ensure_future(work)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
         self._tasks.add(task)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background work %s failed", task.get_coro(), exc_info=task.exception())
 
 
 async def _once(text: str) -> AsyncIterator[str]:

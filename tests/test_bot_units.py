@@ -357,3 +357,25 @@ def test_redaction_covers_urls_tokens_keys_and_tracebacks():
         record = logging.LogRecord("bot", logging.ERROR, __file__, 1, "job %s failed", ("x",), sys.exc_info())
     RedactingFilter().filter(record)
     assert record.exc_info is None and "p4ss" not in record.getMessage() and "RuntimeError" in record.getMessage()
+
+
+@async_test
+async def test_background_work_that_fails_is_logged_not_left_unretrieved(tmp_path, caplog):
+    """Work nobody waits for (memory writes, buttons) says what went wrong in the bot's log; asyncio's
+    "Task exception was never retrieved" said it at garbage collection, without what the work was."""
+    import gc
+    import logging
+
+    from fake_discord_harness import running
+
+    async def fails() -> None:
+        raise RuntimeError("Session is closed")
+
+    async with running(tmp_path, ("Brine",)) as h:
+        with caplog.at_level(logging.WARNING):
+            h.app._background(fails())
+            await asyncio.sleep(0.05)
+            gc.collect()
+    failed = [r for r in caplog.records if "Session is closed" in r.getMessage() or
+              (r.exc_info and "Session is closed" in str(r.exc_info[1]))]
+    assert [r.name for r in failed] == ["bot.app"], [r.getMessage() for r in failed]
