@@ -259,8 +259,8 @@ async def reset(call: Call, persona: str | None = None) -> Reply:
         raise CommandError(f"{voice.name} cannot write in this DM; reset it without naming a persona")
     await call.app.reset(interaction.channel.id)
     text = "🧹 Context reset: the personas ignore everything above this."
-    if voice is None:
-        return Reply(text, private=False)
+    if voice is None:  # several personas on this bot: which one opens the new context is not guessed
+        return Reply(f"{text} (`/reset persona:NAME` has one of them greet.)", private=False)
     greeting = call.app.greeting(voice, interaction.channel, interaction.user)
     if greeting is None:
         return Reply(f"{text} (**{voice.name}** has no greeting for this chat.)", private=False)

@@ -161,6 +161,19 @@ async def test_reset_opens_the_new_context_with_the_cards_greeting(tmp_path):
 
 
 @async_test
+async def test_reset_on_a_bot_hosting_several_personas_says_how_to_have_one_greet(tmp_path):
+    card = CardContext(greetings=["Bubbles, {{user}}!"])
+    bundles = {"Reef": write_bundle(tmp_path / "bundles" / "reef-card", "reef-card", card=card)}
+    async with running(tmp_path, (), webhook=("Reef", "Kelp"), bundles=bundles) as h:
+        host = h.bots["Reef"]
+        answer = await h.fake.command(host, h.alice, h.general, "reset").text()
+        assert "reset" in answer.lower() and "/reset persona:" in answer, "which persona greets is not guessed"
+        await h.fake.command(host, h.alice, h.general, "reset", persona="Reef").text()
+        await h.fake.wait_for(lambda: h.general.messages[-1]["content"] == "Bubbles, Alice!")
+        assert h.general.messages[-1]["author"]["username"] == "Reef", "posted as the persona, by webhook"
+
+
+@async_test
 async def test_swap_hot_swaps_the_adapter_for_owners_only(tmp_path):
     async with running(tmp_path) as h:
         brine = h.bots["Brine"]
