@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from bot.prompt import assemble
+
 from .bundle import Manifest
 from .conversation import Conversation, DataError
 from .dataset import IGNORE, DataStats, make_collator, split_conversations, tokenize
@@ -101,7 +103,10 @@ def evaluate_bundle(model: Any, tokenizer: Any, manifest: Manifest, data: str | 
                     samples: int = 3, max_seq_len: int | None = None) -> EvalReport:
     """Compare the adapter with the same base (adapter disabled, same system prompt) on held-out dialogue.
 
-    ``max_seq_len`` defaults to the one the bundle was trained with.
+    The loss reads the held-out turns as training renders them; the sampled replies (and their style
+    checks) are prompted as the bot serves them, with the card's triggered lorebook entries, depth prompt
+    and post-history instructions (``bot.prompt.assemble``). ``max_seq_len`` defaults to the one the bundle
+    was trained with.
     """
     conversations, checks = heldout(manifest, data)
     max_seq_len = max_seq_len or (manifest.training.max_seq_len if manifest.training else 1024)
@@ -117,9 +122,10 @@ def evaluate_bundle(model: Any, tokenizer: Any, manifest: Manifest, data: str | 
     prompts = [c.messages[: _first_assistant(c)] for c in conversations[:samples]]
     adapter_replies, base_replies = [], []
     for prompt in prompts:
-        adapter_replies.append(reply(model, tokenizer, manifest, prompt))
+        served = assemble(prompt, card=manifest.card)  # as the bot sends it: the card's lore and notes too
+        adapter_replies.append(reply(model, tokenizer, manifest, served))
         with model.disable_adapter():
-            base_replies.append(reply(model, tokenizer, manifest, prompt))
+            base_replies.append(reply(model, tokenizer, manifest, served))
     report.samples = [Sample(p[-1]["content"] if p else "", b, a)
                       for p, b, a in zip(prompts, base_replies, adapter_replies)]
     if checks:

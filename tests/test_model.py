@@ -103,6 +103,28 @@ def test_terminal_chat_serves_a_cards_greeting_and_context(tiny_bundle, monkeypa
                      {"role": "system", "content": "Answer in one line."}]]
 
 
+def test_eval_samples_replies_as_the_bot_serves_them(tiny_bundle, monkeypatch):
+    """The style checks score replies prompted as served: with the card's lorebook, depth prompt and
+    post-history instructions (the held-out loss keeps the trained rendering)."""
+    from finetune.bundle import load_manifest
+    from finetune.cards.context import CardContext
+    from finetune.evaluate import evaluate_bundle
+    from finetune.inference import load_bundle_model
+
+    model, tokenizer, manifest = load_bundle_model(tiny_bundle, quantization="none")
+    manifest = manifest.model_copy(update={"card": CardContext(post_history_instructions="Answer in one line.")})
+    seen = []
+
+    def reply(model, tokenizer, manifest, messages, sampling=None):
+        seen.append(messages)
+        return "Arr, aye."
+
+    monkeypatch.setattr("finetune.evaluate.reply", reply)
+    evaluate_bundle(model, tokenizer, manifest, samples=1)
+    assert seen and all(m[-1] == {"role": "system", "content": "Answer in one line."} for m in seen)
+    assert load_manifest(tiny_bundle).card is None, "the bundle on disk is untouched"
+
+
 def test_a_seeded_sampling_repeats_its_reply(tiny_bundle):
     """finetune chat and eval honour a persona's sampling seed as the engines do."""
     from finetune.bundle import Sampling
