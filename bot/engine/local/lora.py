@@ -78,7 +78,8 @@ class LoraSlots:
         self._used = {BASE_SLOT}
         self._single: int | None = BASE_SLOT
         self._rows: torch.Tensor | None = None
-        self._slots: tuple[int, ...] = ()
+        self._key: tuple = ()
+        """A mixed forward's (slots, writes, version): the weights its rows' gathered copies hold."""
         self._writes = 0
         """Counts changes to any slot's weights: gathered copies of older ones are stale."""
         self._keep_gathered = device.type == "cpu"
@@ -139,7 +140,7 @@ class LoraSlots:
         self._single = first if all(s == first for s in slots) else None
         if self._single is None:
             self._rows = rows if rows is not None else torch.tensor(slots, device=self._device)
-            self._slots = tuple(slots)
+            self._key = (tuple(slots), self._writes, self.version)
         try:
             yield
         finally:
@@ -213,7 +214,7 @@ class LoraSlots:
     def _gathered_weights(self, stack: _Stack, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The rows' A [rows, in, rank] and B blocks [rows, rank, out], gathered; ``keep``: reuse and keep
         them while the rows, their slots and every slot's weights stay as they are (a decode batch's steps)."""
-        key = (self._slots, self._writes, self.version)
+        key = self._key
         if keep and self._gathered_for == key and stack in self._gathered:
             return self._gathered[stack]
         blocks = [stack.b] if len(stack.splits) == 1 else [b for b, _, _ in stack.blocks]
