@@ -131,12 +131,13 @@ def _system_prompt(toml_path: Path, own: str, data: ReadResult) -> str:
     V2 spec, which the card's own system_prompt replaces (inserting it at ``{{original}}``)."""
     if data.prompt_with is None:
         return own or data.system_prompt
-    if own and data.prompt_with(own) == data.prompt_with(""):
+    prompt = data.prompt_with(own)
+    if own and prompt == data.prompt_with(""):
         data.problems.append(
             f"{toml_path}: field 'system_prompt' not used: the card's own system_prompt replaces it "
             "(write {{original}} in the card's system_prompt to insert it there)"
         )
-    return data.prompt_with(own)
+    return prompt
 
 
 def _source_options(toml_path: Path, index: int, kind: str, source: _Source) -> BaseModel:
