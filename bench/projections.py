@@ -1,13 +1,15 @@
-"""Decode steps with q/k/v and gate/up fused into one matmul each (the engine's default) vs the model's own
-separate layers, side by side in one run.
+"""Decode steps with the engine's layout of the projections vs without it, side by side in one run:
+``--compare fused`` (default): q/k/v and gate/up fused into one matmul each vs the model's own separate layers;
+``--compare packed``: bf16 weights packed for oneDNN on a CPU (``packed``) vs row-major ones.
 
 Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
-with ``fused_projections`` off; the same batch of prompts is prefilled in each, then their decode steps
+with the compared option off; the same batch of prompts is prefilled in each, then their decode steps
 alternate (each runtime's own greedy tokens), through ``Runtime.decode``, so on a GPU the steps are CUDA
 graph replays. Printed: ms per step (median), the ratio, the ops one eager step dispatches (a proxy for a
 graph's kernels), and how far the two runtimes' logits are apart.
 
     python bench/projections.py                              # CPU: SmolLM2, batch 1 and 8
+    python bench/projections.py --compare packed --dtype bf16
     python bench/projections.py --random-shape llama-8b --dtype bf16 --base-model .gpu-kit/smollm2-tokenizer
 """
 from __future__ import annotations
@@ -30,6 +32,10 @@ from bot.engine import EngineConfig  # noqa: E402
 from bot.engine.local.adapters import prepare_adapter  # noqa: E402
 from bot.engine.local.kvbatch import DecodeBatch  # noqa: E402
 from bot.engine.local.runtime import Runtime  # noqa: E402
+
+
+OPTIONS = {"fused": "fused_projections", "packed": "packed_weights"}
+"""--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 
 class CountOps(TorchDispatchMode):
@@ -72,37 +78,39 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per side and case")
+    parser.add_argument("--compare", choices=OPTIONS, default="fused", help="the layout option compared")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     work = Path(args.work_dir)
     spec = random_base(args.random_shape, args.base_model, dtype, work) if args.random_shape else args.base_model
-    sides = {fused: Runtime.load(EngineConfig(base_model=spec, quantization=args.quantization, dtype=dtype),
-                                  fused_projections=fused) for fused in (True, False)}
+    sides = {on: Runtime.load(EngineConfig(base_model=spec, quantization=args.quantization, dtype=dtype),
+                              **{OPTIONS[args.compare]: on}) for on in (True, False)}
     with tempfile.TemporaryDirectory() as tmp:
         bundles = [random_bundle(spec, Path(tmp) / f"p{i}", seed=i, rank=args.rank) for i in range(max(args.batch))]
-        slots = {fused: [rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles]
-                 for fused, rt in sides.items()}
-    fused_rt = sides[True]
-    print(f"# bench/projections.py {args.random_shape or spec} {args.dtype} quantization={args.quantization}, "
-          f"LoRA r={args.rank}, {args.steps} steps per case, {device_name()}; "
-          f"fused groups: {len(fused_rt.projections)}")
-    print("| batch | adapters | separate ms/step | fused ms/step | speedup | ops per eager step separate / fused "
-          "| logits max rel. diff |")
+        slots = {on: [rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles]
+                 for on, rt in sides.items()}
+    print(f"# bench/projections.py --compare {args.compare} {args.random_shape or spec} {args.dtype} "
+          f"quantization={args.quantization}, LoRA r={args.rank}, {args.steps} steps per case, {device_name()}; "
+          f"fused groups: {len(sides[True].projections)} / {len(sides[False].projections)}")
+    print(f"| batch | adapters | {args.compare} off ms/step | {args.compare} on ms/step | speedup "
+          "| ops per eager step off / on | logits max rel. diff |")
     print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for size in args.batch:
-            prompts = torch.randint(10, fused_rt.tokenizer.vocab_size, (size, args.prompt_tokens), generator=gen)
-            for mixed in ([False, True] if size > 1 else [False]):
-                runs = {fused: Side(rt, slots[fused][:size] if mixed else slots[fused][:1] * size, prompts.tolist())
-                        for fused, rt in sides.items()}
+            prompts = torch.randint(10, sides[True].tokenizer.vocab_size, (size, args.prompt_tokens), generator=gen)
+            cases = {"none": lambda on: [0] * size, "one": lambda on: slots[on][:1] * size}
+            if size > 1:
+                cases["one per row"] = lambda on: slots[on][:size]
+            for case, rows in cases.items():
+                runs = {on: Side(rt, rows(on), prompts.tolist()) for on, rt in sides.items()}
                 diff = float((runs[True].logits - runs[False].logits).abs().max() / runs[False].logits.abs().max())
                 for _ in range(args.steps + 2):  # the first two: warm-up (and graph capture on a GPU)
                     for side in runs.values():
                         side.step()
-                ms = {fused: 1000 * statistics.median(side.times[2:]) for fused, side in runs.items()}
-                ops = {fused: side.ops_per_step() for fused, side in runs.items()}
-                print(f"| {size} | {'one per row' if mixed else 'one'} | {ms[False]:.2f} | {ms[True]:.2f} "
+                ms = {on: 1000 * statistics.median(side.times[2:]) for on, side in runs.items()}
+                ops = {on: side.ops_per_step() for on, side in runs.items()}
+                print(f"| {size} | {case} | {ms[False]:.2f} | {ms[True]:.2f} "
                       f"| {ms[False] / ms[True]:.2f}x | {ops[False]} / {ops[True]} | {diff:.2g} |")
 
 

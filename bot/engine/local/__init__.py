@@ -3,7 +3,7 @@
 ``engine`` is the ``Engine`` implementation; ``scheduler`` batches requests on the worker thread that owns
 the model (``runtime``); ``adapters`` checks bundles and ``lora`` serves them as per-row LoRA slots;
 ``kvbatch``, ``prefix`` and ``graphs`` keep decode steps cheap; ``projections`` fuses q/k/v and gate/up
-matmuls; ``liger`` puts Liger's fused kernels in the model on a GPU; ``sampling`` and ``detokenize`` turn
+matmuls and ``packed`` lays bf16 weights out for oneDNN on a CPU; ``liger`` puts Liger's fused kernels in the model on a GPU; ``sampling`` and ``detokenize`` turn
 logits into streamed text.
 """
 from .engine import LocalEngine

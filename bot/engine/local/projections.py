@@ -19,8 +19,9 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from . import packed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class FusedLinear(nn.Module):
         self._served: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return packed.linear(x, self.weight, self.bias)  # the weight may be packed (``packed``)
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Part ``index``'s columns of this layer's output for ``x``, computed once for the parts asked in turn."""
