@@ -1,6 +1,8 @@
 """Decode steps with the engine's layout of the projections vs without it, side by side in one run:
 ``--compare fused`` (default): q/k/v and gate/up fused into one matmul each vs the model's own separate layers;
-``--compare packed``: bf16 weights packed for oneDNN on a CPU (``packed``) vs row-major ones.
+``--compare packed``: bf16 weights packed for oneDNN on a CPU (``packed``) vs row-major ones;
+``--compare merge``: a batch's one adapter folded into the packed weights (``merged``, after its first
+16 forwards) vs its LoRA term added at every layer.
 
 Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
 with the compared option off; the same batch of prompts is prefilled in each, then their decode steps
@@ -34,7 +36,7 @@ from bot.engine.local.kvbatch import DecodeBatch  # noqa: E402
 from bot.engine.local.runtime import Runtime  # noqa: E402
 
 
-OPTIONS = {"fused": "fused_projections", "packed": "packed_weights"}
+OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge"}
 """--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 

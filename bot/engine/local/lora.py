@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .merged import MergedAdapter
 from .projections import FusedLinear, Part
 
 BASE_SLOT = 0
@@ -67,7 +68,9 @@ class _Stack:
 
 
 class LoraSlots:
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
+                 merged: MergedAdapter | None = None) -> None:
+        """``merged``: where one-adapter forwards may run on that adapter folded into the weights."""
         self._modules = dict(model.named_modules())
         self._dtype = dtype
         self._device = device
@@ -81,6 +84,8 @@ class LoraSlots:
         self._key: tuple = ()
         """A mixed forward's (slots, writes, version): the weights its rows' gathered copies hold."""
         self._writes = 0
+        self._slot_writes: dict[int, int] = {}
+        """Per slot, the ``_writes`` count of its last change (a folded copy of an older one is stale)."""
         """Counts changes to any slot's weights: gathered copies of older ones are stale."""
         self._keep_gathered = device.type == "cpu"
         # 8 decoding rows on 8 r=16 adapters (SmolLM2, 2 CPU threads): the gather copies were half the LoRA
@@ -95,6 +100,7 @@ class LoraSlots:
         tokens), so only rows that stay a second step are kept."""
         self.version = 0
         """Changes whenever a forward's LoRA work changes shape: a captured graph of the old one is stale."""
+        self._merged = merged
 
     @property
     def loaded(self) -> int:
@@ -110,6 +116,7 @@ class LoraSlots:
         self._grow(rank=max(a.shape[0] for a, _ in weights.values()))
         self._used.add(slot)
         self._writes += 1
+        self._slot_writes[slot] = self._writes
         try:
             for path, (a, b) in weights.items():
                 layer, part = self._target(path)
@@ -128,6 +135,7 @@ class LoraSlots:
             stack.b[slot].zero_()
         self._used.discard(slot)
         self._writes += 1
+        self._slot_writes[slot] = self._writes
 
     @contextmanager
     def route(self, slots: list[int], rows: torch.Tensor | None = None) -> Iterator[None]:
@@ -138,6 +146,10 @@ class LoraSlots:
         first = slots[0]
         self._forwards += 1
         self._single = first if all(s == first for s in slots) else None
+        if self._merged is not None:
+            one = None if self._single == BASE_SLOT else self._single
+            if self._merged.route(one, self._slot_writes, self._stacks):
+                self._single = BASE_SLOT  # the weights hold this adapter: no LoRA term to add
         if self._single is None:
             self._rows = rows if rows is not None else torch.tensor(slots, device=self._device)
             self._key = (tuple(slots), self._writes, self.version)
@@ -145,6 +157,8 @@ class LoraSlots:
             yield
         finally:
             self._single, self._rows = BASE_SLOT, None
+            if self._merged is not None:
+                self._merged.release()
 
     def _target(self, path: str) -> tuple[torch.nn.Module, int]:
         """The layer a LoRA on ``path`` adds to, and which of its parts ``path`` is."""

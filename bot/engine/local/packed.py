@@ -40,7 +40,7 @@ class PackedLinear(nn.Module):
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.weight = _packed(layer.weight)
+        self.weight = pack(layer.weight)
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def pack_linears(model: nn.Module, fused: Sequence[nn.Module] = ()) -> int:
             if not _packable(child):
                 continue
             if id(child) in fused_ids:
-                child.weight = _packed(child.weight)
+                child.weight = pack(child.weight)
             elif type(child) is nn.Linear:  # bitsandbytes' 4-bit layers are subclasses
                 setattr(parent, name, PackedLinear(child))
             else:
@@ -76,6 +76,7 @@ def _packable(layer: nn.Module) -> bool:
     )
 
 
-def _packed(weight: torch.Tensor) -> nn.Parameter:
+def pack(weight: torch.Tensor) -> nn.Parameter:
+    """A bf16 weight [out, in], pre-blocked for oneDNN (``to_dense()`` gives it back)."""
     # the batch-size hint only picks a block layout; 1 served batches of 8 and prefills of 256 as well
     return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), requires_grad=False)

@@ -26,6 +26,7 @@ from .kvbatch import DecodeBatch
 from . import packed
 from .liger import apply_liger
 from .lora import LoraSlots
+from .merged import MergedAdapter
 from .prefix import PrefixCache
 from .projections import FusedLinear, fuse_projections
 
@@ -38,17 +39,18 @@ WEIGHT_SHARE = 0.6
 class Runtime:
     def __init__(
         self, model: Any, tokenizer: Any, info: BaseInfo, prefix_cache_bytes: int = 0, cuda_graphs: bool = False,
-        fused_kernels: bool = False, projections: Sequence[FusedLinear] = (),
+        fused_kernels: bool = False, projections: Sequence[FusedLinear] = (), merge: bool = False,
     ) -> None:
         """``fused_kernels``: whether ``fused.fuse`` put Liger's kernels in the model (for reports).
-        ``projections``: the model's fused projections (``projections.fuse_projections``)."""
+        ``projections``: the model's fused projections (``projections.fuse_projections``). ``merge``: fold
+        an adapter that has the batch to itself into the weights (``merged``; packed CPU weights only)."""
         self.model = model
         self.fused_kernels = fused_kernels
         self.projections = list(projections)
         self.tokenizer = tokenizer
         self.info = info
         self.device = info.device
-        self.lora = LoraSlots(model, info.dtype, info.device)
+        self.lora = LoraSlots(model, info.dtype, info.device, MergedAdapter(free_memory) if merge else None)
         self.context: int = model.config.get_text_config().max_position_embeddings
         self.stop_ids: frozenset[int] = frozenset(stop_token_ids(tokenizer, model.generation_config))
         self.pad_id: int = tokenizer.pad_token_id
@@ -58,10 +60,12 @@ class Runtime:
             self.graphs = DecodeGraphs(self.forward, lambda: self.lora.version, CudaGraphs())
 
     @classmethod
-    def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True) -> Runtime:
+    def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True,
+             merge: bool = True) -> Runtime:
         """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
         matmul each where that is faster (``projections``); ``packed_weights``: bf16 weights on a CPU laid out
-        for oneDNN (``packed``). Both are off only to compare."""
+        for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``). All three
+        are off only to compare."""
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         quantization, fused_kernels = config.quantization, config.fused_kernels
         ref = resolve(config.base_model or EMBEDDED_DEFAULT)
@@ -82,9 +86,11 @@ class Runtime:
             # rank-16 matmuls take ~20 us in bf16 on a CPU and 2-3 us in fp32: 11% faster decode at batch 1
             lora_dtype = torch.float32
         info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, lora_dtype)
-        if packed_weights and model.device.type == "cpu" and packed.available():
+        packs = packed_weights and model.device.type == "cpu" and packed.available()
+        if packs:
             packed.pack_linears(model, projections)
-        return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections)
+        return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections,
+                   merge=merge and packs)
 
     def add_adapter(self, adapter: PreparedAdapter) -> int:
         """Put the adapter's weights in a free slot; returns the slot requests name it by."""

@@ -1,0 +1,118 @@
+"""One adapter folded into a copy of the packed base weights, for the forwards where every row uses it.
+
+On a CPU the LoRA term of a one-adapter batch is 120 pairs of small matmuls per SmolLM2 step, bound by
+dispatch: 18 ms of a 72 ms step at batch 1 (``bench/projections.py``). A persona that keeps the engine to
+itself (one conversation, or a busy channel of one persona) is served faster from ``W + B A``: the layers
+then run at the base's speed and the hooks add nothing.
+
+Folding costs about 0.3 s for SmolLM2 (every targeted weight unpacked, ``B A`` added in fp32, packed again)
+and one copy of the targeted weights, so an adapter is folded only after ``MERGE_AFTER`` forwards in a row
+route every row to it, and only where the copy fits in half the free memory. One adapter is folded at a
+time; it stays while its slot's weights do (loading or freeing other slots leaves it), so the same
+persona's next reply starts folded.
+
+Only bf16 weights packed for oneDNN (``packed``) are folded: the merge rounds ``W + B A`` to bf16 once,
+where the LoRA path rounds ``W x`` and adds ``B A x``; the difference is of bf16's rounding, as with peft's
+``merge_and_unload``. A GPU keeps the LoRA path (captured graphs hold the weights they were captured with).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .packed import pack
+
+if TYPE_CHECKING:
+    from .lora import _Stack
+
+log = logging.getLogger(__name__)
+
+MERGE_AFTER = 16
+"""Forwards in a row with every row on one adapter before it is folded: the fold costs about as much as the
+LoRA work of 16 SmolLM2 decode steps, and a reply that reached 16 tokens usually goes on."""
+
+MEMORY_SHARE = 0.5
+"""Fold only when the copy takes at most this share of the free memory."""
+
+
+class MergedAdapter:
+    """The folded weights of at most one adapter, swapped into the layers for the forwards that use it."""
+
+    def __init__(self, free_memory: Callable[[], int], after: int = MERGE_AFTER) -> None:
+        self._free_memory = free_memory
+        self._after = after
+        self.slot: int | None = None
+        """The adapter folded now, if any."""
+        self._writes = -1
+        """The folded slot's write count when it was folded: a later write changed its weights."""
+        self._layers: dict[nn.Module, tuple[nn.Parameter, nn.Parameter]] = {}
+        """layer -> (its own weight, the folded one)."""
+        self._holding = False
+        self._streak: tuple[int | None, int] = (None, 0)
+        self._refused: tuple[int, int] | None = None
+        """(slot, writes) a fold was refused for (no room, or an unfoldable layer): not tried again."""
+
+    def route(self, single: int | None, writes: Mapping[int, int], stacks: dict[nn.Module, _Stack]) -> bool:
+        """Called once per forward with the adapter slot every row uses (``None``: rows differ, or the base
+        alone) and each slot's write count; returns whether the layers now hold that adapter folded (the
+        forward adds no LoRA term)."""
+        if self.slot is not None and self._writes != writes[self.slot]:
+            self.drop()
+        streak = self._streak[1] + 1 if self._streak[0] == single else 1
+        self._streak = (single, streak)
+        wanted = single is not None and (
+            single == self.slot or (streak > self._after and self._fold(single, writes[single], stacks)))
+        self._hold(wanted)
+        return wanted
+
+    def release(self) -> None:
+        """Put the layers' own weights back (a forward has ended: nothing outside one sees the folded ones)."""
+        self._hold(False)
+
+    def drop(self) -> None:
+        """Let go of the folded copy (its slot changed or was freed); what is in the slot now starts a streak
+        of its own."""
+        self._hold(False)
+        self.slot, self._layers, self._streak = None, {}, (None, 0)
+
+    def _hold(self, folded: bool) -> None:
+        if folded == self._holding:
+            return
+        for layer, (own, merged) in self._layers.items():
+            layer._parameters["weight"] = merged if folded else own
+        self._holding = folded
+
+    def _fold(self, slot: int, writes: int, stacks: dict[nn.Module, _Stack]) -> bool:
+        if self._refused == (slot, writes):
+            return False
+        self.drop()
+        why = _unfoldable(stacks)
+        size = sum(layer.in_features * layer.out_features * 2 for layer in stacks)
+        if why is None and size > MEMORY_SHARE * self._free_memory():
+            why = f"the folded copy ({size / 2**20:.0f} MiB) would take over half the free memory"
+        if why is not None:
+            log.info("adapter slot %d stays unfolded: %s", slot, why)
+            self._refused = (slot, writes)
+            return False
+        layers = {}
+        for layer, stack in stacks.items():
+            own = layer.weight
+            weight = torch.addmm(own.to_dense().float(), stack.b[slot], stack.a[slot]).to(torch.bfloat16)
+            layers[layer] = (own, pack(weight))
+        self.slot, self._writes, self._layers = slot, writes, layers
+        log.info("adapter slot %d folded into a copy of %d layers' weights (%.0f MiB)", slot, len(layers),
+                 size / 2**20)
+        return True
+
+
+def _unfoldable(stacks: dict[nn.Module, _Stack]) -> str | None:
+    """Why these layers cannot be folded, or None."""
+    for layer in stacks:
+        weight = getattr(layer, "weight", None)
+        if not (isinstance(weight, torch.Tensor) and weight.is_mkldnn and weight.dtype == torch.bfloat16):
+            return f"{type(layer).__name__} has no packed bf16 weight"
+    return None
