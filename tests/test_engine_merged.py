@@ -23,12 +23,12 @@ from test_engine_projections import CountOps
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this CPU build has no oneDNN bf16 kernels")
 
 
-def _layers(free: int, after: int = 2):
+def _layers(free: int, after: int = 2, rate: float = float("inf")):
     torch.manual_seed(0)
     model = nn.ModuleDict({"up": nn.Linear(32, 48), "down": nn.Linear(48, 32)}).bfloat16()
     reference = {name: layer.weight.float() for name, layer in model.items()}
     pack_linears(model)
-    merged = MergedAdapter(lambda: free, after=after)
+    merged = MergedAdapter(lambda: free, after=after, fold_bytes_per_s=rate)  # inf: no wait for the payback
     lora = LoraSlots(model, torch.float32, torch.device("cpu"), merged)
     seen = []  # the weight each forward of "up" ran with
     model["up"].register_forward_pre_hook(lambda m, _: seen.append(m.weight))
@@ -75,6 +75,16 @@ def test_one_adapter_is_folded_after_its_streak_and_only_inside_a_forward():
     with torch.inference_mode(), lora.route([slot]):
         model["up"](x)
     assert merged.slot is None and seen[7] is own, "new weights in the folded slot: the old fold is let go"
+
+
+def test_a_fold_waits_until_the_streak_has_lasted_its_payback_time():
+    model, _, lora, merged, seen = _layers(free=2**40, rate=3 * 1024 / 60)  # this 3 KiB copy: 1 min to fold
+    slot = lora.add({"up": (torch.randn(4, 32), torch.randn(48, 4))})
+    with torch.inference_mode():
+        for _ in range(6):
+            with lora.route([slot]):
+                model["up"](torch.randn(1, 1, 32, dtype=torch.bfloat16))
+    assert merged.slot is None and all(w is model["up"].weight for w in seen)
 
 
 def test_no_fold_where_the_copy_does_not_fit_and_it_is_not_tried_again(caplog):

@@ -6,9 +6,9 @@ itself (one conversation, or a busy channel of one persona) is served faster fro
 then run at the base's speed and the hooks add nothing.
 
 Folding costs about 0.3 s for SmolLM2 (every targeted weight unpacked, ``B A`` added in fp32, packed again)
-and one copy of the targeted weights, so an adapter is folded only after ``MERGE_AFTER`` forwards in a row
-route every row to it, and only where the copy fits in half the free memory. One adapter is folded at a
-time; it stays while its slot's weights do (loading or freeing other slots leaves it), so the same
+and one copy of the targeted weights, so an adapter is folded only once it has had every row of
+``MERGE_AFTER`` forwards in a row, for ``PAYBACK`` times as long as the fold should take, and only where the
+copy fits in half the free memory. One adapter is folded at a time; it stays while its slot's weights do (loading or freeing other slots leaves it), so the same
 persona's next reply starts folded.
 
 Only bf16 weights packed for oneDNN (``packed``) are folded: the merge rounds ``W + B A`` to bf16 once,
@@ -18,6 +18,7 @@ where the LoRA path rounds ``W x`` and adds ``B A x``; the difference is of bf16
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MERGE_AFTER = 16
-"""Forwards in a row with every row on one adapter before it is folded: the fold costs about as much as the
-LoRA work of 16 SmolLM2 decode steps, and a reply that reached 16 tokens usually goes on."""
+"""Forwards in a row with every row on one adapter before it may be folded: a reply that reached 16 tokens
+usually goes on."""
+
+PAYBACK = 5
+"""...and for at least this many times as long as the fold is expected to take: it saves about a fifth of a
+SmolLM2 step, so it pays for itself when the adapter keeps the batch that much longer again. A big base
+folds slowly (about 2 s a GiB here), so it is folded only for a persona that holds the engine for minutes."""
+
+FOLD_BYTES_PER_S = 0.5 * 2**30
+"""Folding speed assumed until a fold was timed (SmolLM2 here: 212 MiB in about 0.3 s)."""
 
 MEMORY_SHARE = 0.5
 """Fold only when the copy takes at most this share of the free memory."""
@@ -42,7 +51,9 @@ MEMORY_SHARE = 0.5
 class MergedAdapter:
     """The folded weights of at most one adapter, swapped into the layers for the forwards that use it."""
 
-    def __init__(self, free_memory: Callable[[], int], after: int = MERGE_AFTER) -> None:
+    def __init__(self, free_memory: Callable[[], int], after: int = MERGE_AFTER,
+                 fold_bytes_per_s: float = FOLD_BYTES_PER_S) -> None:
+        """``fold_bytes_per_s``: how fast a fold is expected to go until one was timed."""
         self._free_memory = free_memory
         self._after = after
         self.slot: int | None = None
@@ -52,7 +63,11 @@ class MergedAdapter:
         self._layers: dict[nn.Module, tuple[nn.Parameter, nn.Parameter]] = {}
         """layer -> (its own weight, the folded one)."""
         self._holding = False
-        self._streak: tuple[int | None, int] = (None, 0)
+        self._streak: tuple[int | None, int, float] = (None, 0, 0.0)
+        """(slot, forwards in a row every row of which used it, when the first of them began)."""
+        self._rate = fold_bytes_per_s
+        self._targets: tuple[tuple[int, int], list[nn.Module]] = ((-1, -1), [])
+        """(slot, writes) -> the layers that slot has a LoRA on."""
         self._refused: tuple[int, int] | None = None
         """(slot, writes) a fold was refused for (no room, or an unfoldable layer): not tried again."""
 
@@ -62,10 +77,10 @@ class MergedAdapter:
         forward adds no LoRA term)."""
         if self.slot is not None and self._writes != writes[self.slot]:
             self.drop()
-        streak = self._streak[1] + 1 if self._streak[0] == single else 1
-        self._streak = (single, streak)
-        wanted = single is not None and (
-            single == self.slot or (streak > self._after and self._fold(single, writes[single], stacks)))
+        now = time.perf_counter()
+        held, count, since = self._streak
+        self._streak = (single, count + 1, since) if held == single else (single, 1, now)
+        wanted = single is not None and (single == self.slot or self._fold(single, writes[single], stacks, now))
         self._hold(wanted)
         return wanted
 
@@ -77,7 +92,7 @@ class MergedAdapter:
         """Let go of the folded copy (its slot changed or was freed); what is in the slot now starts a streak
         of its own."""
         self._hold(False)
-        self.slot, self._layers, self._streak = None, {}, (None, 0)
+        self.slot, self._layers, self._streak = None, {}, (None, 0, 0.0)
 
     def _hold(self, folded: bool) -> None:
         if folded == self._holding:
@@ -86,32 +101,46 @@ class MergedAdapter:
             layer._parameters["weight"] = merged if folded else own
         self._holding = folded
 
-    def _fold(self, slot: int, writes: int, stacks: dict[nn.Module, _Stack]) -> bool:
-        if self._refused == (slot, writes):
+    def _fold(self, slot: int, writes: int, stacks: dict[nn.Module, _Stack], now: float) -> bool:
+        """Fold ``slot`` if its streak has earned it and it can be; returns whether it is folded."""
+        _, count, since = self._streak
+        if count <= self._after or self._refused == (slot, writes):
             return False
-        self.drop()
-        why = _unfoldable(stacks)
-        size = sum(layer.in_features * layer.out_features * 2 for layer in stacks)
+        layers = self._targeted(slot, writes, stacks)
+        size = sum(layer.in_features * layer.out_features * 2 for layer in layers)
+        if now - since < PAYBACK * size / self._rate:
+            return False
+        why = _unfoldable(layers)
         if why is None and size > MEMORY_SHARE * self._free_memory():
             why = f"the folded copy ({size / 2**20:.0f} MiB) would take over half the free memory"
         if why is not None:
             log.info("adapter slot %d stays unfolded: %s", slot, why)
             self._refused = (slot, writes)
             return False
-        layers = {}
-        for layer, stack in stacks.items():
-            own = layer.weight
+        self.drop()
+        start = time.perf_counter()
+        folded = {}
+        for layer in layers:
+            own, stack = layer.weight, stacks[layer]
             weight = torch.addmm(own.to_dense().float(), stack.b[slot], stack.a[slot]).to(torch.bfloat16)
-            layers[layer] = (own, pack(weight))
-        self.slot, self._writes, self._layers = slot, writes, layers
-        log.info("adapter slot %d folded into a copy of %d layers' weights (%.0f MiB)", slot, len(layers),
-                 size / 2**20)
+            folded[layer] = (own, pack(weight))
+        took = time.perf_counter() - start
+        self._rate = size / max(took, 1e-6)
+        self.slot, self._writes, self._layers = slot, writes, folded
+        log.info("adapter slot %d folded into a copy of %d layers' weights (%.0f MiB) in %.2f s", slot,
+                 len(folded), size / 2**20, took)
         return True
 
+    def _targeted(self, slot: int, writes: int, stacks: dict[nn.Module, _Stack]) -> list[nn.Module]:
+        """The layers ``slot``'s adapter changes (a layer it has no LoRA on keeps its own weight)."""
+        if self._targets[0] != (slot, writes):
+            self._targets = ((slot, writes), [layer for layer, stack in stacks.items() if stack.a[slot].any()])
+        return self._targets[1]
 
-def _unfoldable(stacks: dict[nn.Module, _Stack]) -> str | None:
+
+def _unfoldable(layers: list[nn.Module]) -> str | None:
     """Why these layers cannot be folded, or None."""
-    for layer in stacks:
+    for layer in layers:
         weight = getattr(layer, "weight", None)
         if not (isinstance(weight, torch.Tensor) and weight.is_mkldnn and weight.dtype == torch.bfloat16):
             return f"{type(layer).__name__} has no packed bf16 weight"
