@@ -1,15 +1,17 @@
 """One adapter folded into a copy of the packed base weights, for the forwards where every row uses it.
 
 On a CPU the LoRA term of a one-adapter batch is 120 pairs of small matmuls per SmolLM2 step, bound by
-dispatch: 18 ms of a 72 ms step at batch 1 (``bench/projections.py``). A persona that keeps the engine to
+dispatch: 18 ms of a 72 ms step at batch 1 (``bench/projections.py``; folded: 1.22x per step at batch 1,
+1.47x for 8 rows on one adapter). A persona that keeps the engine to
 itself (one conversation, or a busy channel of one persona) is served faster from ``W + B A``: the layers
 then run at the base's speed and the hooks add nothing.
 
 Folding costs about 0.3 s for SmolLM2 (every targeted weight unpacked, ``B A`` added in fp32, packed again)
 and one copy of the targeted weights, so an adapter is folded only once it has had every row of
 ``MERGE_AFTER`` forwards in a row, for ``PAYBACK`` times as long as the fold should take, and only where the
-copy fits in half the free memory. One adapter is folded at a time; it stays while its slot's weights do (loading or freeing other slots leaves it), so the same
-persona's next reply starts folded.
+copy fits in half the free memory. The fold pauses that batch once (0.3 s for SmolLM2), in the middle of a
+reply. One adapter is folded at a time; it stays while its slot's weights do (loading or freeing other
+slots leaves it), so the same persona's next reply starts folded.
 
 Only bf16 weights packed for oneDNN (``packed``) are folded: the merge rounds ``W + B A`` to bf16 once,
 where the LoRA path rounds ``W x`` and adds ``B A x``; the difference is of bf16's rounding, as with peft's
