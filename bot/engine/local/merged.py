@@ -1,10 +1,10 @@
 """One adapter folded into a copy of the packed base weights, for the forwards where every row uses it.
 
 On a CPU the LoRA term of a one-adapter batch is 120 pairs of small matmuls per SmolLM2 step, bound by
-dispatch: 18 ms of a 72 ms step at batch 1 (``bench/projections.py``; folded: 1.22x per step at batch 1,
-1.47x for 8 rows on one adapter). A persona that keeps the engine to
-itself (one conversation, or a busy channel of one persona) is served faster from ``W + B A``: the layers
-then run at the base's speed and the hooks add nothing.
+dispatch: 18 ms of a 72 ms step at batch 1. A persona that keeps the engine to itself (one conversation, or
+a busy channel of one persona) is served faster from ``W + B A``: the layers then run at the base's speed
+and the hooks add nothing (``bench/projections.py --compare merge``: 1.22x per step at batch 1, 1.47x for 8
+rows on one adapter).
 
 Folding costs about 0.3 s for SmolLM2 (every targeted weight unpacked, ``B A`` added in fp32, packed again)
 and one copy of the targeted weights, so an adapter is folded only once it has had every row of
