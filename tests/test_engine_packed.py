@@ -106,3 +106,4 @@ def test_fp32_runtime_packs_nothing(tiny_model_dir):
     rt = Runtime.load(EngineConfig(base_model=str(tiny_model_dir), quantization="none", dtype=torch.float32,
                                    cuda_graphs=False))
     assert not any(getattr(m, "weight", torch.empty(0)).is_mkldnn for m in rt.model.modules())
+    assert rt.lora._merged is None, "nothing packed: nothing to fold adapters into"

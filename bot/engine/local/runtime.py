@@ -87,8 +87,7 @@ class Runtime:
             lora_dtype = torch.float32
         info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, lora_dtype)
         packs = packed_weights and model.device.type == "cpu" and packed.available()
-        if packs:
-            packed.pack_linears(model, projections)
+        packs = packs and packed.pack_linears(model, projections) > 0
         return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections,
                    merge=merge and packs)
 
