@@ -84,9 +84,9 @@ class LoraSlots:
         self._key: tuple = ()
         """A mixed forward's (slots, writes, version): the weights its rows' gathered copies hold."""
         self._writes = 0
+        """Counts changes to any slot's weights: gathered copies of older ones are stale."""
         self._slot_writes: dict[int, int] = {}
         """Per slot, the ``_writes`` count of its last change (a folded copy of an older one is stale)."""
-        """Counts changes to any slot's weights: gathered copies of older ones are stale."""
         self._keep_gathered = device.type == "cpu"
         # 8 decoding rows on 8 r=16 adapters (SmolLM2, 2 CPU threads): the gather copies were half the LoRA
         # time (21 -> 11.6 ms a step kept); on a GPU the copy is cheap and a captured graph does it anyway

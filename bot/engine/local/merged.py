@@ -41,7 +41,7 @@ usually goes on."""
 PAYBACK = 5
 """...and for at least this many times as long as the fold is expected to take: it saves about a fifth of a
 SmolLM2 step, so it pays for itself when the adapter keeps the batch that much longer again. A big base
-folds slowly (about 2 s a GiB here), so it is folded only for a persona that holds the engine for minutes."""
+folds slowly (about 1.5 s a GiB here), so it is folded only for a persona that holds the engine for minutes."""
 
 FOLD_BYTES_PER_S = 0.5 * 2**30
 """Folding speed assumed until a fold was timed (SmolLM2 here: 212 MiB in about 0.3 s)."""
@@ -82,7 +82,8 @@ class MergedAdapter:
         now = time.perf_counter()
         held, count, since = self._streak
         self._streak = (single, count + 1, since) if held == single else (single, 1, now)
-        wanted = single is not None and (single == self.slot or self._fold(single, writes[single], stacks, now))
+        wanted = single is not None and (
+            single == self.slot or self._fold(single, writes.get(single, 0), stacks, now))
         self._hold(wanted)
         return wanted
 
@@ -99,7 +100,7 @@ class MergedAdapter:
     def _hold(self, folded: bool) -> None:
         if folded == self._holding:
             return
-        for layer, (own, merged) in self._layers.items():
+        for layer, (own, merged) in self._layers.items():  # into the parameter dict: no module bookkeeping
             layer._parameters["weight"] = merged if folded else own
         self._holding = folded
 

@@ -20,10 +20,10 @@ from finetune.model import (
 from finetune.prompt import stop_token_ids
 
 from ..config import EngineConfig
+from . import packed
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
 from .graphs import CudaGraphs, DecodeGraphs
 from .kvbatch import DecodeBatch
-from . import packed
 from .liger import apply_liger
 from .lora import LoraSlots
 from .merged import MergedAdapter
