@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,25 @@ def make_bundle(
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run one test coroutine on a fresh event loop (no pytest-asyncio needed)."""
     return asyncio.run(coro)
+
+
+def assert_decode_alike(runtimes: Sequence[Any], bundles: Sequence[Path], tol: float) -> None:
+    """Two runtimes of one base with ``bundles`` loaded in each (the same slots): a batch mixing two adapters
+    and none, then the second adapter alone, each prefilled and decoded 4 steps on the same tokens, give
+    logits within ``tol`` of each other."""
+    from bot.engine.local.adapters import prepare_adapter
+    from bot.engine.local.kvbatch import DecodeBatch
+
+    slots = [[rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles] for rt in runtimes]
+    assert slots[0] == slots[1]
+    gen = torch.Generator().manual_seed(0)
+    for rows in ([slots[0][0], slots[0][1], 0], [slots[0][1]] * 2):
+        prompts = torch.randint(5, 200, (len(rows), 6), generator=gen).tolist()
+        with torch.inference_mode():
+            batches = [DecodeBatch.prefill(partial(rt.forward, slots=rows), prompts, {}, rt.pad_id, rt.device)
+                       for rt in runtimes]
+            logits = [out for _, out in batches]
+            for _ in range(4):
+                torch.testing.assert_close(logits[0], logits[1], atol=tol, rtol=tol)
+                tokens = logits[1].argmax(-1)
+                logits = [rt.decode(batch, rows, tokens) for rt, (batch, _) in zip(runtimes, batches)]

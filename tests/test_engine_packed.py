@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from functools import partial
 
 import pytest
 import torch
@@ -11,13 +10,11 @@ from torch import nn
 
 from bot.engine import EngineConfig
 from bot.engine.local import packed
-from bot.engine.local.adapters import prepare_adapter
-from bot.engine.local.kvbatch import DecodeBatch
 from bot.engine.local.lora import LoraSlots
 from bot.engine.local.packed import PackedLinear, pack_linears
 from bot.engine.local.projections import FusedLinear
 from bot.engine.local.runtime import Runtime
-from engine_fixtures import make_bundle
+from engine_fixtures import assert_decode_alike, make_bundle
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this CPU build has no oneDNN bf16 kernels")
 
@@ -87,19 +84,7 @@ def test_a_bf16_runtime_serves_packed_weights_and_decodes_as_the_row_major_one(t
 
     bundles = [make_bundle(tiny_model_dir, tmp_path / "all", seed=1, r=4),
                make_bundle(tiny_model_dir, tmp_path / "some", seed=2, r=16, target_modules=["o_proj", "down_proj"])]
-    slots = [[rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles] for rt in runtimes]
-    assert slots[0] == slots[1]
-    gen = torch.Generator().manual_seed(0)
-    for rows in ([slots[0][0], slots[0][1], 0], [slots[0][1]] * 2):
-        prompts = torch.randint(5, 200, (len(rows), 6), generator=gen).tolist()
-        with torch.inference_mode():
-            batches = [DecodeBatch.prefill(partial(rt.forward, slots=rows), prompts, {}, rt.pad_id, rt.device)
-                       for rt in runtimes]
-            logits = [out for _, out in batches]
-            for _ in range(4):
-                torch.testing.assert_close(logits[0], logits[1], atol=1e-3, rtol=1e-3)
-                tokens = logits[1].argmax(-1)
-                logits = [rt.decode(batch, rows, tokens) for rt, (batch, _) in zip(runtimes, batches)]
+    assert_decode_alike(runtimes, bundles, tol=1e-3)
 
 
 def test_fp32_runtime_packs_nothing(tiny_model_dir):

@@ -12,12 +12,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bot.engine import EngineConfig
-from bot.engine.local.adapters import linear_shapes, prepare_adapter
+from bot.engine.local.adapters import linear_shapes
 from bot.engine.local.kvbatch import DecodeBatch
 from bot.engine.local.lora import LoraSlots
 from bot.engine.local.projections import FusedLinear, Part, fuse_projections
 from bot.engine.local.runtime import Runtime
-from engine_fixtures import make_bundle
+from engine_fixtures import assert_decode_alike, make_bundle
 
 
 class CountOps(TorchDispatchMode):
@@ -149,19 +149,7 @@ def test_a_fused_runtime_decodes_as_the_separate_layers_do(tiny_model_dir, bundl
     """bf16 (where the runtime fuses on a CPU): a batch mixing two adapters and none, then one adapter alone."""
     runtimes = [Runtime.load(local(tiny_model_dir, torch.bfloat16), fused_projections=f) for f in (True, False)]
     assert [len(rt.projections) for rt in runtimes] == [2 * runtimes[0].model.config.num_hidden_layers, 0]
-    slots = [[rt.add_adapter(prepare_adapter(b.name, b, rt.info)) for b in bundles] for rt in runtimes]
-    assert slots[0] == slots[1]
-    gen = torch.Generator().manual_seed(0)
-    for rows in ([slots[0][0], slots[0][1], 0], [slots[0][1]] * 2):
-        prompts = torch.randint(5, 200, (len(rows), 6), generator=gen).tolist()
-        with torch.inference_mode():
-            batches = [DecodeBatch.prefill(partial(rt.forward, slots=rows), prompts, {}, rt.pad_id, rt.device)
-                       for rt in runtimes]
-            logits = [out for _, out in batches]
-            for _ in range(4):
-                torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
-                tokens = logits[1].argmax(-1)
-                logits = [rt.decode(batch, rows, tokens) for rt, (batch, _) in zip(runtimes, batches)]
+    assert_decode_alike(runtimes, bundles, tol=2e-2)
 
 
 def test_fp32_on_a_cpu_keeps_separate_layers_and_a_failed_forward_leaves_nothing_held(tiny_model_dir):
