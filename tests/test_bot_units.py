@@ -97,9 +97,13 @@ async def test_limiter_shares_the_global_budget_fairly_between_guilds():
 
     busy = [asyncio.create_task(write(f"a{i}", 100 + i, 1)) for i in range(30)]
     await asyncio.sleep(0.05)  # guild 1's backlog is queued
+    had = len(done)
     await write("b", 200, 2)
     await asyncio.gather(*busy)
-    assert done["b"] < 0.05 + 3 / 50, "guild 2 takes the next turn, not the 31st"
+    # counted in turns, not wall time (a loaded VM's event loop lags): between b asking and b go at most the
+    # turn granted but not yet run and the one already taken off the queue, waiting for its slot
+    before = sorted(done.values()).index(done["b"])
+    assert before <= had + 2, f"guild 2 takes the next turn, not the 31st ({before} went first, {had} before)"
     assert max(done.values()) >= 30 / 50 - 0.02, "the global rate still holds for everyone"
 
 
