@@ -114,7 +114,8 @@ def main() -> None:
                 runs = {on: Side(rt, rows(on), prompts.tolist()) for on, rt in sides.items()}
                 diff = float((runs[True].logits - runs[False].logits).abs().max() / runs[False].logits.abs().max())
                 for step in range(args.steps + 2):  # the first two: warm-up (and graph capture on a GPU)
-                    # each goes first every other step: the side stepping second ran ~5% faster
+                    # each goes first every other step, so the order of steps favours neither side (the 5-8%
+                    # bias seen on a CPU came from the load order: --load-first)
                     for side in list(runs.values())[:: 1 if step % 2 else -1]:
                         side.step()
                 ms = {on: 1000 * statistics.median(side.times[2:]) for on, side in runs.items()}

@@ -68,8 +68,8 @@ class MergedAdapter:
         self._streak: tuple[int | None, int, float] = (None, 0, 0.0)
         """(slot, forwards in a row every row of which used it, when the first of them began)."""
         self._rate = fold_bytes_per_s
-        self._targets: tuple[tuple[int, int], list[nn.Module]] = ((-1, -1), [])
-        """(slot, writes) -> the layers that slot has a LoRA on."""
+        self._targets: tuple[tuple[int, int], list[nn.Module], int] = ((-1, -1), [], 0)
+        """(slot, writes) -> the layers that slot has a LoRA on, and the bytes of their folded copy."""
         self._refused: tuple[int, int] | None = None
         """(slot, writes) a fold was refused for (no room, or an unfoldable layer): not tried again."""
 
@@ -109,8 +109,7 @@ class MergedAdapter:
         _, count, since = self._streak
         if count <= self._after or self._refused == (slot, writes):
             return False
-        layers = self._targeted(slot, writes, stacks)
-        size = sum(layer.in_features * layer.out_features * 2 for layer in layers)
+        layers, size = self._targeted(slot, writes, stacks)
         if now - since < PAYBACK * size / self._rate:
             return False
         why = _unfoldable(layers)
@@ -134,11 +133,14 @@ class MergedAdapter:
                  len(folded), size / 2**20, took)
         return True
 
-    def _targeted(self, slot: int, writes: int, stacks: dict[nn.Module, _Stack]) -> list[nn.Module]:
-        """The layers ``slot``'s adapter changes (a layer it has no LoRA on keeps its own weight)."""
+    def _targeted(self, slot: int, writes: int, stacks: dict[nn.Module, _Stack]) -> tuple[list[nn.Module], int]:
+        """The layers ``slot``'s adapter changes (a layer it has no LoRA on keeps its own weight) and the bytes
+        of their bf16 copy; kept for the forwards of a streak still waiting out its payback time."""
         if self._targets[0] != (slot, writes):
-            self._targets = ((slot, writes), [layer for layer, stack in stacks.items() if stack.a[slot].any()])
-        return self._targets[1]
+            layers = [layer for layer, stack in stacks.items() if stack.a[slot].any()]
+            size = sum(2 * layer.in_features * layer.out_features for layer in layers)
+            self._targets = ((slot, writes), layers, size)
+        return self._targets[1], self._targets[2]
 
 
 def _unfoldable(layers: list[nn.Module]) -> str | None:
