@@ -2,7 +2,9 @@
 ``--compare fused`` (default): q/k/v and gate/up fused into one matmul each vs the model's own separate layers;
 ``--compare packed``: bf16 weights packed for oneDNN on a CPU (``packed``) vs row-major ones;
 ``--compare merge``: a batch's one adapter folded into the packed weights (``merged``, once it has held the
-batch long enough) vs its LoRA term added at every layer.
+batch long enough) vs its LoRA term added at every layer;
+``--compare attention``: a CPU decode step's grouped query heads packed per key/value head (``attention``)
+vs transformers' SDPA call, which passes ``enable_gqa`` where there is no padding mask.
 
 Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
 with the compared option off; the same batch of prompts is prefilled in each, then their decode steps
@@ -14,11 +16,13 @@ proxy for a graph's kernels), and how far the two runtimes' logits are apart.
 
     python bench/projections.py                              # CPU: SmolLM2, batch 1 and 8
     python bench/projections.py --compare packed --dtype bf16
+    python bench/projections.py --compare attention --dtype bf16 --prompt-tokens 64 1000
     python bench/projections.py --random-shape llama-8b --dtype bf16 --base-model .gpu-kit/smollm2-tokenizer
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -38,7 +42,8 @@ from bot.engine.local.kvbatch import DecodeBatch  # noqa: E402
 from bot.engine.local.runtime import Runtime  # noqa: E402
 
 
-OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge"}
+OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge",
+           "attention": "decode_attention"}
 """--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 
@@ -80,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_args(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[64], help="each row's prompt length")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per side and case")
     parser.add_argument("--compare", choices=OPTIONS, default="fused", help="the layout option compared")
     parser.add_argument("--load-first", choices=["on", "off"], default="on",
@@ -100,13 +105,13 @@ def main() -> None:
           f"{args.random_shape or spec} {args.dtype} "
           f"quantization={args.quantization}, LoRA r={args.rank}, {args.steps} steps per case, {device_name()}; "
           f"fused groups: {len(sides[True].projections)} / {len(sides[False].projections)}")
-    print(f"| batch | adapters | {args.compare} off ms/step | {args.compare} on ms/step | speedup "
+    print(f"| batch | prompt tokens | adapters | {args.compare} off ms/step | {args.compare} on ms/step | speedup "
           "| ops per eager step off / on | logits max rel. diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for size in args.batch:
-            prompts = torch.randint(10, sides[True].tokenizer.vocab_size, (size, args.prompt_tokens), generator=gen)
+        for size, length in itertools.product(args.batch, args.prompt_tokens):
+            prompts = torch.randint(10, sides[True].tokenizer.vocab_size, (size, length), generator=gen)
             cases = {"none": lambda on: [0] * size, "one": lambda on: slots[on][:1] * size}
             if size > 1:
                 cases["one per row"] = lambda on: slots[on][:size]
@@ -120,7 +125,7 @@ def main() -> None:
                         side.step()
                 ms = {on: 1000 * statistics.median(side.times[2:]) for on, side in runs.items()}
                 ops = {on: side.ops_per_step() for on, side in runs.items()}
-                print(f"| {size} | {case} | {ms[False]:.2f} | {ms[True]:.2f} "
+                print(f"| {size} | {length} | {case} | {ms[False]:.2f} | {ms[True]:.2f} "
                       f"| {ms[False] / ms[True]:.2f}x | {ops[False]} / {ops[True]} | {diff:.2g} |")
 
 

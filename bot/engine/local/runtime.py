@@ -22,6 +22,7 @@ from finetune.prompt import stop_token_ids
 from ..config import EngineConfig
 from . import packed
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
+from .attention import DECODE
 from .graphs import CudaGraphs, DecodeGraphs
 from .kvbatch import DecodeBatch
 from .liger import apply_liger
@@ -61,18 +62,19 @@ class Runtime:
 
     @classmethod
     def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True,
-             merge: bool = True) -> Runtime:
+             merge: bool = True, decode_attention: bool = True) -> Runtime:
         """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
         matmul each where that is faster (``projections``); ``packed_weights``: bf16 weights on a CPU laid out
-        for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``). All three
-        are off only to compare."""
+        for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``);
+        ``decode_attention``: a CPU decode step's grouped heads packed (``attention``). All four are off only
+        to compare."""
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         quantization, fused_kernels = config.quantization, config.fused_kernels
         ref = resolve(config.base_model or EMBEDDED_DEFAULT)
         tokenizer = load_tokenizer(ref)
         if quantization == "auto":
             quantization = serving_quantization(ref, dtype or compute_dtype())
-        model = load_model(ref, quantization, dtype)
+        model = load_model(ref, quantization, dtype, attention=DECODE if decode_attention else "sdpa")
         model.eval()
         fused = apply_liger(model, fused_kernels, tokenizer)
         lora_dtype = model.get_input_embeddings().weight.dtype  # the compute dtype (NF4 keeps embeddings in it)
