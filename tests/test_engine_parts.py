@@ -303,6 +303,44 @@ def test_lora_slots_add_each_rows_adapter_to_the_layer_output(base_dtype):
         torch.testing.assert_close(got, expected, **tolerance)
 
 
+@pytest.mark.parametrize("slots", [[1, 1], [1, 2]], ids=["one adapter", "one per row"])
+def test_a_long_prefill_on_a_16_bit_base_runs_its_lora_term_in_that_dtype(slots):
+    """A prefill of at least ``WIDE`` tokens multiplies by the LoRA weights in the bf16 of its base (4x faster for
+    a 1000-token prompt on a CPU); decode steps keep the slots' fp32 (faster for a few rows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bot.engine.local.lora import WIDE
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.linear, torch.ops.aten.mm, torch.ops.aten.bmm,
+                                       torch.ops.aten.addmm_, torch.ops.aten.baddbmm_):
+                self.seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=False)).bfloat16()
+    lora = LoraSlots(model, torch.float32, torch.device("cpu"))
+    adapters = {}
+    for _ in range(2):
+        a, b = torch.randn(4, 16), torch.randn(24, 4) / 4
+        adapters[lora.add({"0": (a, b)})] = (a, b)
+    for tokens, want_dtype in [(WIDE // 2, torch.bfloat16), (1, torch.float32)]:
+        x = torch.randn(2, tokens, 16, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            base = model(x)
+            with lora.route(slots), MatmulDtypes() as matmuls:
+                got = model(x)
+        assert matmuls.seen == {torch.bfloat16, want_dtype}, "the base's matmul is bf16, the LoRA's as wanted"
+        expected = torch.stack([(base[row].float() + x[row].float() @ adapters[s][0].T @ adapters[s][1].T)
+                                .bfloat16() for row, s in enumerate(slots)])
+        torch.testing.assert_close(got, expected, atol=0.06, rtol=0.02)
+
+
 def test_a_mixed_decode_batch_gathers_its_rows_lora_weights_once():
     """On a CPU, the steps of one decode batch reuse the rows' gathered weights (the copy was half the LoRA
     time); new rows, or an adapter replaced in a slot they use, gather afresh."""
