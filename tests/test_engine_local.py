@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -213,6 +214,44 @@ def test_cancelled_request_frees_its_slot_at_once(tiny_model_dir, bundles):
     reply, alone, events = run(main())
     assert reply == alone
     assert ("first", None) not in events, "the cancelled reply never ran to its end"
+
+
+def test_waiting_prompts_share_a_prefill_up_to_its_token_budget(tiny_model_dir, bundles, monkeypatch):
+    """Prompts that arrive together prefill together only while their padded tokens fit ``PREFILL_TOKENS``;
+    the rest wait a decode step, so the first replies stream while later prompts are read."""
+    from bot.engine.local import scheduler
+    from bot.engine.local.kvbatch import DecodeBatch
+
+    groups: list[int] = []
+    longest: list[int] = []
+    real = DecodeBatch.prefill.__func__
+
+    def prefill(cls, forward, prompts, *args):
+        groups.append(len(prompts))
+        longest.append(max(len(p) for p in prompts))
+        return real(cls, forward, prompts, *args)
+
+    monkeypatch.setattr(DecodeBatch, "prefill", classmethod(prefill))
+
+    async def main():
+        engine = _engine(tiny_model_dir, prefix_cache_mb=0)
+        await engine.load_adapter("one", bundles["one"])
+        alone = await engine.complete("one", HELLO, SAMPLING)
+        monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 2 * longest[0] + 1)
+        groups.clear()
+        gate = threading.Event()
+        paused = engine._scheduler.call(gate.wait)  # the worker waits: all four arrive before it admits any
+        replies = [asyncio.create_task(engine.complete("one", HELLO, SAMPLING)) for _ in range(4)]
+        await _until(lambda: engine._scheduler._inbox.qsize() == 4)
+        gate.set()
+        await asyncio.wrap_future(paused)
+        got = await asyncio.gather(*replies)
+        await engine.close()
+        return alone, got
+
+    alone, got = run(main())
+    assert groups == [2, 2], "two prompts' padded tokens fit the budget, not three"
+    assert got == [alone] * 4
 
 
 def test_cancelling_one_of_many_keeps_the_others_going(engine):
