@@ -4,7 +4,8 @@
 ``--compare merge``: a batch's one adapter folded into the packed weights (``merged``, once it has held the
 batch long enough) vs its LoRA term added at every layer;
 ``--compare attention``: a CPU decode step's grouped query heads packed per key/value head (``attention``)
-vs transformers' SDPA call, which passes ``enable_gqa`` where there is no padding mask.
+vs transformers' SDPA call, which passes ``enable_gqa`` where there is no padding mask;
+``--compare kernel``: a CPU decode step's LoRA terms added by ``lora_cpu``'s kernel vs torch's matmuls.
 
 Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
 with the compared option off; the same batch of prompts is prefilled in each, then their decode steps
@@ -43,7 +44,7 @@ from bot.engine.local.runtime import Runtime  # noqa: E402
 
 
 OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge",
-           "attention": "decode_attention"}
+           "attention": "decode_attention", "kernel": "lora_kernel"}
 """--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 

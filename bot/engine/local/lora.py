@@ -1,12 +1,13 @@
 """Many LoRA adapters on one base model, a different one per batch row, in fixed weight slots.
 
 Every targeted linear layer keeps the LoRA weights of all loaded adapters stacked:
-A ``[slots, rank, in]`` and B ``[slots, out, rank]`` (the LoRA scale folded into B, smaller ranks
+A ``[slots, rank, in]`` and B transposed, ``[slots, rank, out]`` (the LoRA scale folded into B, smaller ranks
 zero-padded). A forward hook adds ``x @ A[s].T @ B[s].T`` for each row's slot ``s`` into the layer's
-output: two matmuls when the whole batch uses one adapter, else a gather of the rows' slices and two
-batched matmuls; on a CPU a decode step keeps the rows' gathered weights for the next step with the same
-rows. Slot 0 stays all zeros (no adapter). A fused projection (``projections``: q/k/v as one
-layer) keeps its parts' LoRA side by side: part i in rank block i of A, and of B in its own output rows
+output: on a CPU with its kernel built (``lora_cpu``), a decode step's in one call per layer that reads each
+row's weights in place; else two matmuls when the whole batch uses one adapter, or a gather of the rows'
+slices and two batched matmuls (a CPU decode step keeps the rows' gathered weights for the next step with
+the same rows). Slot 0 stays all zeros (no adapter). A fused projection (``projections``: q/k/v as one
+layer) keeps its parts' LoRA side by side: part i in rank block i of A, and of B in its own output columns
 (B is block-diagonal), so one adapter's two matmuls serve all the parts; a mixed batch gathers each part's
 block of B on its own.
 
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .lora_cpu import LoraAdd
 from .merged import MergedAdapter
 from .projections import FusedLinear, Part
 
@@ -41,42 +43,46 @@ LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Stack:
-    """One linear layer's LoRA weights for every slot; a fused layer's parts each own a rank block."""
+    """One linear layer's LoRA weights for every slot; a fused layer's parts each own a rank block.
+
+    ``a``: [slots, parts * rank, in]; ``b``: B transposed, [slots, parts * rank, out], zero outside each part's
+    block (its rank rows, its output columns): a row of it is what one rank adds to the outputs."""
 
     def __init__(self, capacity: int, rank: int, fan_in: int, splits: list[int], dtype: torch.dtype,
                  device: torch.device) -> None:
         self.splits = splits
         self.starts = [sum(splits[:i]) for i in range(len(splits))]
         self.a = torch.zeros(capacity, len(splits) * rank, fan_in, dtype=dtype, device=device)
-        self._set_b(torch.zeros(capacity, sum(splits), len(splits) * rank, dtype=dtype, device=device), rank)
+        self._set_b(torch.zeros(capacity, len(splits) * rank, sum(splits), dtype=dtype, device=device), rank)
 
     def _set_b(self, b: torch.Tensor, rank: int) -> None:
-        """B, and per part (view of its block of B, its rank columns, its output columns)."""
+        """B, and per part (view of its block of B, its rank rows, its output columns)."""
         self.b = b
         self.blocks = []
         for part, (start, size) in enumerate(zip(self.starts, self.splits)):
             ranks, columns = slice(part * rank, (part + 1) * rank), slice(start, start + size)
-            self.blocks.append((b[:, columns, ranks], ranks, columns))
+            self.blocks.append((b[:, ranks, columns], ranks, columns))
 
     def write(self, slot: int, part: int, rank: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Part ``part``'s A [r, in] and B [out, r] into ``slot`` (``rank``: the stacks' rank, r <= rank)."""
         first, start = part * rank, self.starts[part]
         self.a[slot, first: first + a.shape[0]] = a
-        self.b[slot, start: start + b.shape[0], first: first + b.shape[1]] = b
+        self.b[slot, first: first + b.shape[1], start: start + b.shape[0]] = b.T
 
     def grow(self, add_slots: int, rank: int, add_rank: int) -> None:
         """Zero-pad to more slots and to each part's rank block growing from ``rank`` (keeps every result)."""
         parts = len(self.splits)
         a = self.a.unflatten(1, (parts, rank))  # [slots, parts, rank, in]
         self.a = F.pad(a, (0, 0, 0, add_rank, 0, 0, 0, add_slots)).flatten(1, 2)
-        b = self.b.unflatten(2, (parts, rank))  # [slots, out, parts, rank]
-        self._set_b(F.pad(b, (0, add_rank, 0, 0, 0, 0, 0, add_slots)).flatten(2, 3), rank + add_rank)
+        b = self.b.unflatten(1, (parts, rank))  # [slots, parts, rank, out]
+        self._set_b(F.pad(b, (0, 0, 0, add_rank, 0, 0, 0, add_slots)).flatten(1, 2), rank + add_rank)
 
 
 class LoraSlots:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
-                 merged: MergedAdapter | None = None) -> None:
-        """``merged``: where one-adapter forwards may run on that adapter folded into the weights."""
+                 merged: MergedAdapter | None = None, kernel: LoraAdd | None = None) -> None:
+        """``merged``: where one-adapter forwards may run on that adapter folded into the weights;
+        ``kernel``: the CPU kernel (``lora_cpu.load()``) decode steps add their LoRA terms with."""
         self._modules = dict(model.named_modules())
         self._dtype = dtype
         self._device = device
@@ -107,6 +113,7 @@ class LoraSlots:
         self.version = 0
         """Changes whenever a forward's LoRA work changes shape: a captured graph of the old one is stale."""
         self._merged = merged
+        self._kernel = kernel
 
     @property
     def loaded(self) -> int:
@@ -156,7 +163,7 @@ class LoraSlots:
             one = None if self._single == BASE_SLOT else self._single
             if self._merged.route(one, self._slot_writes, self._stacks):
                 self._single = BASE_SLOT  # the weights hold this adapter: no LoRA term to add
-        if self._single is None:
+        if self._single is None or self._kernel is not None:  # the rows' slots, for a gather or the kernel
             self._rows = rows if rows is not None else torch.tensor(slots, device=self._device)
             self._key = (tuple(slots), self._writes, self.version)
         try:
@@ -198,6 +205,10 @@ class LoraSlots:
         else it is done at the higher precision of the two, as peft does."""
         if self._single == BASE_SLOT:
             return out
+        if self._kernel is not None and x.dim() == 3 and x.shape[1] == 1:
+            self._kernel(out.view(-1, out.shape[-1]), x.view(-1, x.shape[-1]), self._rows, stack.a, stack.b,
+                         stack.splits)
+            return out
         prefill = x.dim() > 2 and x.shape[-2] > 1 and x.numel() >= WIDE * x.shape[-1]
         dtype = out.dtype if prefill else self._dtype
         x = x.to(dtype)
@@ -205,7 +216,7 @@ class LoraSlots:
         if self._single is not None:
             flat = out.view(-1, out.shape[-1])
             hidden = F.linear(x, stack.a[self._single].to(dtype)).view(flat.shape[0], -1)
-            b = stack.b[self._single].to(dtype).t()
+            b = stack.b[self._single].to(dtype)
             if fused:
                 flat.addmm_(hidden, b)
             else:
@@ -242,7 +253,7 @@ class LoraSlots:
             return self._gathered[stack]
         blocks = [stack.b] if len(stack.splits) == 1 else [b for b, _, _ in stack.blocks]
         gathered = (stack.a.index_select(0, self._rows).transpose(1, 2),
-                    [b.index_select(0, self._rows).transpose(1, 2) for b in blocks])
+                    [b.index_select(0, self._rows) for b in blocks])
         if keep:
             if self._gathered_for != key:
                 if self._first_seen[0] != key:

@@ -124,7 +124,7 @@ class MergedAdapter:
         folded = {}
         for layer in layers:
             own, stack = layer.weight, stacks[layer]
-            weight = torch.addmm(own.to_dense().float(), stack.b[slot], stack.a[slot]).to(torch.bfloat16)
+            weight = torch.addmm(own.to_dense().float(), stack.b[slot].T, stack.a[slot]).to(torch.bfloat16)
             folded[layer] = (own, pack(weight))
         took = time.perf_counter() - start
         self._rate = size / max(took, 1e-6)

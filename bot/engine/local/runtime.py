@@ -20,7 +20,7 @@ from finetune.model import (
 from finetune.prompt import stop_token_ids
 
 from ..config import EngineConfig
-from . import packed
+from . import lora_cpu, packed
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
 from .attention import DECODE
 from .graphs import CudaGraphs, DecodeGraphs
@@ -41,17 +41,20 @@ class Runtime:
     def __init__(
         self, model: Any, tokenizer: Any, info: BaseInfo, prefix_cache_bytes: int = 0, cuda_graphs: bool = False,
         fused_kernels: bool = False, projections: Sequence[FusedLinear] = (), merge: bool = False,
+        lora_kernel: lora_cpu.LoraAdd | None = None,
     ) -> None:
         """``fused_kernels``: whether ``fused.fuse`` put Liger's kernels in the model (for reports).
         ``projections``: the model's fused projections (``projections.fuse_projections``). ``merge``: fold
-        an adapter that has the batch to itself into the weights (``merged``; packed CPU weights only)."""
+        an adapter that has the batch to itself into the weights (``merged``; packed CPU weights only).
+        ``lora_kernel``: the CPU kernel for decode steps' LoRA terms (``lora_cpu``)."""
         self.model = model
         self.fused_kernels = fused_kernels
         self.projections = list(projections)
         self.tokenizer = tokenizer
         self.info = info
         self.device = info.device
-        self.lora = LoraSlots(model, info.dtype, info.device, MergedAdapter(free_memory) if merge else None)
+        self.lora = LoraSlots(model, info.dtype, info.device, MergedAdapter(free_memory) if merge else None,
+                              lora_kernel)
         self.context: int = model.config.get_text_config().max_position_embeddings
         self.stop_ids: frozenset[int] = frozenset(stop_token_ids(tokenizer, model.generation_config))
         self.pad_id: int = tokenizer.pad_token_id
@@ -62,12 +65,12 @@ class Runtime:
 
     @classmethod
     def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True,
-             merge: bool = True, decode_attention: bool = True) -> Runtime:
+             merge: bool = True, decode_attention: bool = True, lora_kernel: bool = True) -> Runtime:
         """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
         matmul each where that is faster (``projections``); ``packed_weights``: bf16 weights on a CPU laid out
         for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``);
-        ``decode_attention``: a CPU decode step's grouped heads packed (``attention``). All four are off only
-        to compare."""
+        ``decode_attention``: a CPU decode step's grouped heads packed (``attention``); ``lora_kernel``: CPU
+        decode steps add their LoRA terms with ``lora_cpu``'s kernel. All five are off only to compare."""
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         quantization, fused_kernels = config.quantization, config.fused_kernels
         ref = resolve(config.base_model or EMBEDDED_DEFAULT)
@@ -77,7 +80,7 @@ class Runtime:
         model = load_model(ref, quantization, dtype, attention=DECODE if decode_attention else "sdpa")
         model.eval()
         fused = apply_liger(model, fused_kernels, tokenizer)
-        lora_dtype = model.get_input_embeddings().weight.dtype  # the compute dtype (NF4 keeps embeddings in it)
+        compute = lora_dtype = model.get_input_embeddings().weight.dtype  # NF4 keeps embeddings in it
         # fp32 on a CPU: MKL's small-batch fp32 matmuls ran slower on the wider fused weights (0.91x per step
         # at batch 8); 16-bit ones ran faster (1.05x); a GPU gains in any dtype (fewer kernels)
         if fused_projections and (model.device.type != "cpu" or lora_dtype != torch.float32):
@@ -90,8 +93,11 @@ class Runtime:
         info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, lora_dtype)
         packs = packed_weights and model.device.type == "cpu" and packed.available()
         packs = packs and packed.pack_linears(model, projections) > 0
+        kernel = None
+        if lora_kernel and model.device.type == "cpu" and compute in (torch.bfloat16, torch.float32):
+            kernel = lora_cpu.load()
         return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections,
-                   merge=merge and packs)
+                   merge=merge and packs, lora_kernel=kernel)
 
     def add_adapter(self, adapter: PreparedAdapter) -> int:
         """Put the adapter's weights in a free slot; returns the slot requests name it by."""
