@@ -68,6 +68,8 @@ def test_the_kernel_refuses_shapes_it_cannot_read(kernel):
     a, b = torch.zeros(2, 4, 8), torch.zeros(2, 4, 6)
     with pytest.raises(RuntimeError, match="splits must sum"):
         kernel(torch.zeros(1, 6), torch.zeros(1, 8), torch.tensor([1]), a, b, [5])
+    with pytest.raises(RuntimeError, match="of one dtype"):
+        kernel(torch.zeros(1, 6), torch.zeros(1, 8, dtype=torch.bfloat16), torch.tensor([1]), a, b, [6])
     with pytest.raises(RuntimeError, match="one int64 slot per row"):
         kernel(torch.zeros(1, 6), torch.zeros(1, 8), torch.tensor([1], dtype=torch.int32), a, b, [6])
 

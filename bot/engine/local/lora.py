@@ -163,7 +163,7 @@ class LoraSlots:
             one = None if self._single == BASE_SLOT else self._single
             if self._merged.route(one, self._slot_writes, self._stacks):
                 self._single = BASE_SLOT  # the weights hold this adapter: no LoRA term to add
-        if self._single is None or self._kernel is not None:  # the rows' slots, for a gather or the kernel
+        if self._single is None or (self._kernel is not None and self._single != BASE_SLOT):
             self._rows = rows if rows is not None else torch.tensor(slots, device=self._device)
             self._key = (tuple(slots), self._writes, self.version)
         try:
