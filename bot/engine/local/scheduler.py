@@ -6,7 +6,7 @@ Continuous batching, step by step:
 2. drop cancelled requests;
 3. admit waiting requests while fewer than ``max_batch`` are decoding and their padded prompts fit
    ``PREFILL_TOKENS`` (at least one always goes): their prompts run as one left-padded prefill (each row
-   with its own adapter), the first token is sampled, and the rows join the running batch
+   with its own adapter), the first token is sampled and sent, and the rows join the running batch
    (``DecodeBatch``). A prompt that continues a finished reply on the same adapter (the next turn of a
    conversation) prefills alone and only past that reply's cached KV (``prefix``);
 4. one decode step: a single forward over all active rows, each with its own adapter (a LoRA slot,
@@ -17,7 +17,8 @@ Continuous batching, step by step:
 A long reply therefore never holds back a short one: a request started later joins at the next step
 and leaves as soon as it is done. The price is that a newcomer's prefill pauses everyone else's decoding
 for that one forward. Text goes back to each consumer's event loop through
-``loop.call_soon_threadsafe`` (one call per loop per step), so the event loop never waits on the model.
+``loop.call_soon_threadsafe`` (one call per loop per step, and one after a prefill), so the event loop never
+waits on the model.
 
 Errors stay with the request that caused them: a failing prefill is retried row by row so only the bad
 request fails; out of memory during a decode step evicts the newest request and the rest go on.
@@ -172,6 +173,7 @@ class Scheduler:
                 self._drop_cancelled()
                 with torch.inference_mode():
                     self._admit()
+                    self._outbox.flush()  # first tokens go out now, not a decode step later
                     if self._rows:
                         self._decode()
                 self._release_retired()
