@@ -96,8 +96,8 @@ def test_a_decode_step_adds_its_lora_terms_with_the_kernel(kernel, tiny_model_di
               if name.split(".")[-1] in targets}
     fuse_projections(model)
     torch.manual_seed(1)
-    adapters = [{p: (torch.randn(4, fan_in) / 8, torch.randn(fan_out, 4) / 8) for p, (fan_in, fan_out) in shapes.items()}
-                for _ in range(2)]
+    adapters = [{path: (torch.randn(4, fan_in) / 8, torch.randn(fan_out, 4) / 8)
+                 for path, (fan_in, fan_out) in shapes.items()} for _ in range(2)]
     lora = LoraSlots(model, torch.float32, torch.device("cpu"), kernel=kernel)
     slots = [lora.add(a) for a in adapters]
     ids = torch.randint(0, model.config.vocab_size, (3, 1))
@@ -130,12 +130,12 @@ def test_where_the_kernel_cannot_be_built_the_engine_says_why_and_keeps_torch_op
         raise RuntimeError("Error building extension\nc++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    lora_cpu.load.cache_clear()
+    lora_cpu.build.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
             assert lora_cpu.load() is None
     finally:
-        lora_cpu.load.cache_clear()
+        lora_cpu.build.cache_clear()
     assert "lora_cpu.cpp: the CPU LoRA kernel could not be built (c++: command not found)" in caplog.text
     assert "apt-get install g++" in caplog.text
 

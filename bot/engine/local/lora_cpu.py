@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from functools import cache
@@ -38,10 +39,19 @@ LoraAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 B transposed [slots, parts*r, out], the parts' output widths)."""
 
 
-@cache
+_building = threading.Lock()
+
+
 def load() -> LoraAdd | None:
     """The compiled kernel, built on the first call on this machine; None where it cannot be built."""
-    from torch.utils.cpp_extension import load as build
+    with _building:  # engines loading on two threads at once: one build, and its answer for both
+        return build()
+
+
+@cache
+def build() -> LoraAdd | None:
+    """``load`` without the lock: compile (or find the cached build) and load it, once per process."""
+    from torch.utils.cpp_extension import load as build_extension
 
     name = f"personabot_lora_{_build_id()}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
@@ -55,8 +65,8 @@ def load() -> LoraAdd | None:
     try:
         (root / name).mkdir(parents=True, exist_ok=True)
         clear_stale_lock(root / name)
-        build(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-              build_directory=str(root / name), is_python_module=False)
+        build_extension(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], build_directory=str(root / name), is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compiler that rejects the source, no room
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.warning("%s: the CPU LoRA kernel could not be built (%s); LoRA terms run as torch ops, a decode step "
