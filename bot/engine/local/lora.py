@@ -200,9 +200,10 @@ class LoraSlots:
         self.version += 1
 
     def _apply(self, stack: _Stack, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Add the LoRA term into the layer's fresh output, in place: where both have one dtype (a GPU, or a
-        prefill of ``WIDE`` tokens) the add rides in the second matmul (``addmm_``: one kernel fewer per layer),
-        else it is done at the higher precision of the two, as peft does."""
+        """Add the LoRA term into the layer's fresh output, in place: by the kernel for a CPU decode step (one
+        token per row); else, where both have one dtype (a GPU, or a prefill of ``WIDE`` tokens), the add rides
+        in the second matmul (``addmm_``: one kernel fewer per layer), or it is done at the higher precision of
+        the two, as peft does (and the kernel does)."""
         if self._single == BASE_SLOT:
             return out
         if self._kernel is not None and x.dim() == 3 and x.shape[1] == 1:
