@@ -206,8 +206,9 @@ class LoraSlots:
         the two, as peft does (and the kernel does)."""
         if self._single == BASE_SLOT:
             return out
-        if self._kernel is not None and x.dim() == 3 and x.shape[1] == 1:
-            self._kernel(out.view(-1, out.shape[-1]), x.view(-1, x.shape[-1]), self._rows, stack.a, stack.b,
+        if (self._kernel is not None and x.dim() == 3 and x.shape[1] == 1 and x.dtype == out.dtype
+                and out.is_contiguous()):
+            self._kernel(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self._rows, stack.a, stack.b,
                          stack.splits)
             return out
         prefill = x.dim() > 2 and x.shape[-2] > 1 and x.numel() >= WIDE * x.shape[-1]
