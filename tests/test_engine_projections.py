@@ -64,7 +64,7 @@ def test_fused_projections_give_the_same_logits_with_fewer_matmuls_and_no_more_m
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert plain_ops["aten.linear"] == 7 * layers + 1  # + the output layer
     assert fused_ops["aten.linear"] == 4 * layers + 1
-    assert all(g._output is None and g._input is None for g in groups), "nothing is held after a forward"
+    assert all(g._held.output is None and g._held.input is None for g in groups), "nothing is held after a forward"
 
 
 def test_a_part_called_out_of_turn_or_with_another_input_is_still_right():
@@ -78,7 +78,7 @@ def test_a_part_called_out_of_turn_or_with_another_input_is_still_right():
         for part, name, t in [(k, "y", y), (q, "x", x), (q, "x", x), (v, "y", y), (k, "x", x), (v, "x", x),
                                (q, "x", x)]:
             torch.testing.assert_close(part(t), want[part.index, name])
-    assert group._output is None, "k, v and q had their shares of x: nothing is held"
+    assert group._held.output is None, "k, v and q had their shares of x: nothing is held"
 
 
 def test_only_plain_linear_siblings_of_one_shape_are_fused():
@@ -164,4 +164,4 @@ def test_fp32_on_a_cpu_keeps_separate_layers_and_a_failed_forward_leaves_nothing
     with torch.inference_mode(), pytest.raises(RuntimeError, match="boom"):
         DecodeBatch.prefill(partial(rt.forward, slots=[0]), [[5, 6, 7]], {}, rt.pad_id, rt.device)
     hook.remove()
-    assert rt.projections and all(group._output is None for group in rt.projections)
+    assert rt.projections and all(group._held.output is None for group in rt.projections)

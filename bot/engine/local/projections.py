@@ -41,27 +41,41 @@ class FusedLinear(nn.Module):
         self.splits = [layer.out_features for layer in linears]
         self.out_features = sum(self.splits)
         self.starts = [sum(self.splits[:i]) for i in range(len(self.splits))]
-        self._input: torch.Tensor | None = None
-        self._output: torch.Tensor | None = None
-        self._served: set[int] = set()
+        self._held = _Held()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed.linear(x, self.weight, self.bias)  # the weight may be packed (``packed``)
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Part ``index``'s columns of this layer's output for ``x``, computed once for the parts asked in turn."""
-        if x is not self._input or index in self._served:
-            self._input, self._output, self._served = x, self(x), set()
-        out = self._output
-        self._served.add(index)
-        if len(self._served) == len(self.splits):
+        held = self._held
+        if x is not held.input or index in held.served:
+            held.input, held.output, held.served = x, self(x), set()
+        out = held.output
+        held.served.add(index)
+        if len(held.served) == len(self.splits):
             self.release()
         return out[..., self.starts[index]: self.starts[index] + self.splits[index]]
 
     def release(self) -> None:
         """Let go of a held output (after a forward that failed between the parts)."""
-        self._input = self._output = None
-        self._served = set()
+        self._held.clear()
+
+
+class _Held:
+    """The input a fused layer last computed, its output, and the parts served it: a plain object, since
+    setting a module's attributes runs ``nn.Module.__setattr__`` (six a step per group: 0.48 ms of every
+    SmolLM2 decode step on 2 CPU cores, 0.02 ms this way)."""
+
+    __slots__ = ("input", "output", "served")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.served: set[int] = set()
 
 
 class Part(nn.Module):
