@@ -17,10 +17,12 @@ stopped while the local engine runs):
 1. batch 1: decode tokens/s (tokens after the first / time after the first) and time to the first token;
 2. 8 conversations at once on 8 different adapters: aggregate tokens/s and mean time to the first token.
 Each conversation is one question, or with --history-tokens that many tokens of earlier turns before it
-(a busy Discord channel: the bot sends the history up to its context).
+(a busy Discord channel: the bot sends the history up to its context); with --history-every 2 only every
+other one has that history (channels of both kinds at once: prompts of unlike lengths).
 
 CPU (SmolLM2-135M, 64 new tokens, about 3 minutes):  python bench/vllm.py
                                                       python bench/vllm.py --history-tokens 1000
+                                                      python bench/vllm.py --history-tokens 1000 --history-every 2
 """
 from __future__ import annotations
 
@@ -180,7 +182,8 @@ async def bench(args: argparse.Namespace) -> None:
         tokenizer = AutoTokenizer.from_pretrained(bundles[0])
         base_name = load_manifest(bundles[0]).base_model
 
-        chats = [conversation(i, args.history_tokens, tokenizer) for i in range(CONVERSATIONS)]
+        chats = [conversation(i, args.history_tokens if i % args.history_every == 0 else 0, tokenizer)
+                 for i in range(CONVERSATIONS)]
 
         def ids(i: int) -> list[int]:
             m = manifests[names[i]]
@@ -240,6 +243,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per reply")
     parser.add_argument("--history-tokens", type=int, default=0, help="earlier turns before each question")
+    parser.add_argument("--history-every", type=int, default=1,
+                        help="only conversations 0, K, 2K, ... have the history (the batch-1 one is 0)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm/bin/python"))

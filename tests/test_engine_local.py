@@ -95,6 +95,25 @@ async def _until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.002)
 
 
+async def _arrive_together(engine, chats) -> list[str]:
+    """``chats`` answered on adapter "one", all queued, in order, before the worker admits any of them."""
+    waiting, gate = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        waiting.set()
+        gate.wait()
+
+    paused = engine._scheduler.call(pause)
+    await _until(waiting.is_set)  # the worker is held: nothing it was doing can admit a request early
+    replies = []
+    for queued, chat in enumerate(chats, 1):  # one at a time: they queue in this order
+        replies.append(asyncio.create_task(engine.complete("one", chat, SAMPLING)))
+        await _until(lambda: engine._scheduler._inbox.qsize() == queued)
+    gate.set()
+    await asyncio.wrap_future(paused)
+    return await asyncio.gather(*replies)
+
+
 def test_mixed_adapter_batch_matches_each_request_alone_and_plain_generate(engine, bundles, tiny_model_dir,
                                                                           tiny_tokenizer):
     jobs = [("one", HELLO), ("two", STORM), ("one", STORM), ("two", HELLO)]
@@ -239,19 +258,51 @@ def test_waiting_prompts_share_a_prefill_up_to_its_token_budget(tiny_model_dir, 
         alone = await engine.complete("one", HELLO, SAMPLING)
         monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 2 * longest[0] + 1)
         groups.clear()
-        gate = threading.Event()
-        paused = engine._scheduler.call(gate.wait)  # the worker waits: all four arrive before it admits any
-        replies = [asyncio.create_task(engine.complete("one", HELLO, SAMPLING)) for _ in range(4)]
-        await _until(lambda: engine._scheduler._inbox.qsize() == 4)
-        gate.set()
-        await asyncio.wrap_future(paused)
-        got = await asyncio.gather(*replies)
+        got = await _arrive_together(engine, [HELLO] * 4)
         await engine.close()
         return alone, got
 
     alone, got = run(main())
     assert groups == [2, 2], "two prompts' padded tokens fit the budget, not three"
     assert got == [alone] * 4
+
+
+def test_on_a_cpu_prompts_of_unlike_lengths_prefill_apart(tiny_model_dir, bundles, monkeypatch):
+    """A short prompt padded to a long one's length costs the long one's compute on a CPU (SmolLM2: 1000 and
+    50 tokens together 2.48 s, apart 1.05 s): a later prompt joins the oldest's prefill only while the group's
+    padding stays within ``CPU_PADDING_TOKENS``, so like prompts share one whatever order they came in."""
+    from bot.engine.local import scheduler
+    from bot.engine.local.kvbatch import DecodeBatch
+
+    groups: list[list[int]] = []
+    real = DecodeBatch.prefill.__func__
+
+    def prefill(cls, forward, prompts, *args):
+        groups.append([len(p) for p in prompts])
+        return real(cls, forward, prompts, *args)
+
+    monkeypatch.setattr(DecodeBatch, "prefill", classmethod(prefill))
+    long = [{"role": "user", "content": "tell me about the storm " * 12}]
+
+    async def main():
+        engine = _engine(tiny_model_dir, prefix_cache_mb=0)
+        await engine.load_adapter("one", bundles["one"])
+        alone = [await engine.complete("one", chat, SAMPLING) for chat in (HELLO, long)]
+        groups.clear()
+        apart = await _arrive_together(engine, [HELLO, long, HELLO, long])
+        split = list(groups)
+        groups.clear()
+        monkeypatch.setattr(scheduler, "CPU_PADDING_TOKENS", 10_000)
+        together = await _arrive_together(engine, [HELLO, long, HELLO, long])
+        await engine.close()
+        return alone, apart, split, together
+
+    alone, apart, split, together = run(main())
+    short, long_ = split[0][0], split[1][0]
+    assert long_ - short > 64, "the fixture's prompts must differ by more than the padding allowed"
+    assert split == [[short, short], [long_, long_]], "the later short prompt joins the first; the longs follow"
+    assert groups == [[short, long_, short, long_]], "with padding allowed, one prefill in arrival order"
+    assert apart == together == [alone[0], alone[1]] * 2
 
 
 def test_a_first_token_streams_before_the_batchs_next_decode_step(tiny_model_dir, bundles, monkeypatch):

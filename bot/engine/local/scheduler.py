@@ -4,8 +4,10 @@ Continuous batching, step by step:
 
 1. run queued jobs (adapter load/delete) - the model is only ever touched from this thread;
 2. drop cancelled requests;
-3. admit waiting requests while fewer than ``max_batch`` are decoding and their padded prompts fit
-   ``PREFILL_TOKENS`` (at least one always goes): their prompts run as one left-padded prefill (each row
+3. admit waiting requests while fewer than ``max_batch`` are decoding: the oldest, and the later ones
+   whose padded prompts still fit ``PREFILL_TOKENS`` (on a CPU, and whose padding stays within
+   ``CPU_PADDING_TOKENS``; the others keep their place for the next step): their prompts run as one
+   left-padded prefill (each row
    with its own adapter), the first token is sampled and sent, and the rows join the running batch
    (``DecodeBatch``). A prompt that continues a finished reply on the same adapter (the next turn of a
    conversation) prefills alone and only past that reply's cached KV (``prefix``);
@@ -56,6 +58,13 @@ PREFILL_TOKENS = 2048
 """Padded prompt tokens one prefill takes in (vLLM's ``max_num_batched_tokens``): the prompts beyond it wait
 one decode step, so the first replies stream while the rest are read. 8 conversations of 1014 tokens on a
 2-core CPU (SmolLM2) all waited 9.1 s on average for a first token when read as one prefill."""
+
+CPU_PADDING_TOKENS = 64
+"""On a CPU, the padding a prefill may carry: a CPU prefill costs about 30 ms plus 0.8-1 ms a token (SmolLM2,
+2 cores: 1 token 30 ms, 64 tokens 83, 256 tokens 239), padding included, so a short prompt padded to a long
+one's length costs the long one's time (1000 and 50 tokens together 2.48 s, apart 1.05 s) and lengths
+80 tokens apart break even (100 and 20: 161 ms together, 174 apart). Like lengths gain from sharing (8 of 64
+tokens: 426 ms together, 626 apart). A GPU keeps ``PREFILL_TOKENS`` alone (not measured there)."""
 
 
 class ReplyQueue:
@@ -221,13 +230,20 @@ class Scheduler:
 
     def _admit(self) -> None:
         free = self._max_batch - len(self._rows)
+        padding = CPU_PADDING_TOKENS if self._runtime.device.type == "cpu" else PREFILL_TOKENS
         group: list[Request] = []
-        longest = 0
-        while self._waiting and len(group) < free:
-            longest = max(longest, len(self._waiting[0].prompt))
-            if group and longest * (len(group) + 1) > PREFILL_TOKENS:
-                break
-            group.append(self._waiting.popleft())
+        passed: list[Request] = []
+        longest = tokens = 0
+        while self._waiting and len(group) < free:  # the oldest always goes; later ones that fit join it
+            request = self._waiting.popleft()
+            length = len(request.prompt)
+            padded = max(longest, length) * (len(group) + 1)
+            if group and (padded > PREFILL_TOKENS or padded - tokens - length > padding):
+                passed.append(request)
+                continue
+            longest, tokens = max(longest, length), tokens + length
+            group.append(request)
+        self._waiting.extendleft(reversed(passed))  # the ones passed over keep their order, first in line
         misses = []
         for request in group:  # a prompt continuing a finished reply prefills alone, from that reply's KV
             hit = self._runtime.prefixes.lookup(request.slot, request.prompt)
