@@ -7,10 +7,9 @@ Continuous batching, step by step:
 3. admit waiting requests while fewer than ``max_batch`` are decoding: the oldest, and the later ones
    whose padded prompts still fit ``PREFILL_TOKENS`` (on a CPU, and whose padding stays within
    ``CPU_PADDING_TOKENS``; the others keep their place for the next step): their prompts run as one
-   left-padded prefill (each row
-   with its own adapter), the first token is sampled and sent, and the rows join the running batch
-   (``DecodeBatch``). A prompt that continues a finished reply on the same adapter (the next turn of a
-   conversation) prefills alone and only past that reply's cached KV (``prefix``);
+   left-padded prefill (each row with its own adapter), the first token is sampled and sent, and the rows
+   join the running batch (``DecodeBatch``). A prompt that continues a finished reply on the same adapter
+   (the next turn of a conversation) prefills alone and only past that reply's cached KV (``prefix``);
 4. one decode step: a single forward over all active rows, each with its own adapter (a LoRA slot,
    see ``lora``), position and sampling settings; finished rows leave the batch at once, their KV
    kept in the prefix cache;
@@ -62,9 +61,10 @@ one decode step, so the first replies stream while the rest are read. 8 conversa
 CPU_PADDING_TOKENS = 64
 """On a CPU, the padding a prefill may carry: a CPU prefill costs about 30 ms plus 0.8-1 ms a token (SmolLM2,
 2 cores: 1 token 30 ms, 64 tokens 83, 256 tokens 239), padding included, so a short prompt padded to a long
-one's length costs the long one's time (1000 and 50 tokens together 2.48 s, apart 1.05 s) and lengths
-80 tokens apart break even (100 and 20: 161 ms together, 174 apart). Like lengths gain from sharing (8 of 64
-tokens: 426 ms together, 626 apart). A GPU keeps ``PREFILL_TOKENS`` alone (not measured there)."""
+one's length costs the long one's time (1000 and 50 tokens together 2.48 s, apart 1.05 s), and lengths
+80 tokens apart come out even (100 and 20: 191-217 ms together, 170-220 apart). Like lengths gain from
+sharing (8 of 64 tokens: 426 ms together, 626 apart). A GPU keeps ``PREFILL_TOKENS`` alone (not measured
+there)."""
 
 
 class ReplyQueue:
