@@ -2,17 +2,31 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Coroutine, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.bundle import LoraInfo, Manifest, Sampling, save_bundle
 from finetune.model import fingerprint, resolve
 
 GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=24)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ops dispatched inside it, by name (``aten.mm``, ``personabot.lora_add``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def make_bundle(

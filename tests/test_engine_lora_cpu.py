@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bot.engine.local import lora_cpu
 from bot.engine.local.lora import LoraSlots
 from bot.engine.local.projections import fuse_projections
+from engine_fixtures import CountOps
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +74,6 @@ def test_the_kernel_refuses_shapes_it_cannot_read(kernel):
         kernel(torch.zeros(1, 6), torch.zeros(1, 8), torch.tensor([1], dtype=torch.int32), a, b, [6])
 
 
-class Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mixed", [True, False], ids=["one adapter per row", "one adapter"])
 def test_a_decode_step_adds_its_lora_terms_with_the_kernel(kernel, tiny_model_dir, mixed):
     """The slots route a decode step's fused q/k/v, o, gate/up and down layers through the kernel (no matmul of
@@ -104,19 +94,19 @@ def test_a_decode_step_adds_its_lora_terms_with_the_kernel(kernel, tiny_model_di
     rows = [slots[0], 0, slots[1]] if mixed else [slots[1]] * 3
     with torch.inference_mode():
         base = model(ids).logits
-        with lora.route(rows), Ops() as ops:
+        with lora.route(rows), CountOps() as count:
             fast = model(ids).logits
         layers = model.config.num_hidden_layers
-        assert ops.names.count("lora_add") == 4 * layers
-        assert ops.names.count("linear") == 4 * layers + 1, "the base's fused layers and the head only"
-        assert not {"bmm", "baddbmm_", "addmm_", "mm", "matmul"} & set(ops.names)
+        assert count.ops["personabot.lora_add"] == 4 * layers
+        assert count.ops["aten.linear"] == 4 * layers + 1, "the base's fused layers and the head only"
+        assert not {"aten.bmm", "aten.baddbmm_", "aten.addmm_", "aten.mm", "aten.matmul"} & set(count.ops)
         lora._kernel = None  # the same slots through the torch ops
         with lora.route(rows):
             slow = model(ids).logits
         lora._kernel = kernel
-        with lora.route(rows), Ops() as ops:
+        with lora.route(rows), CountOps() as count:
             model(torch.randint(0, model.config.vocab_size, (3, 5)))
-        assert "lora_add" not in ops.names, "a prefill's rows read their weights once, as matmuls"
+        assert "personabot.lora_add" not in count.ops, "a prefill's rows read their weights once, as matmuls"
     assert not torch.equal(fast[0], base[0])
     if mixed:
         assert torch.equal(fast[1], base[1]), "the row on slot 0 runs the base alone"

@@ -9,7 +9,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bot.engine import EngineConfig
 from bot.engine.local.adapters import linear_shapes
@@ -17,17 +16,7 @@ from bot.engine.local.kvbatch import DecodeBatch
 from bot.engine.local.lora import LoraSlots
 from bot.engine.local.projections import FusedLinear, Part, fuse_projections
 from bot.engine.local.runtime import Runtime
-from engine_fixtures import assert_decode_alike, make_bundle
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+from engine_fixtures import CountOps, assert_decode_alike, make_bundle
 
 
 def _tiny(model_dir):
