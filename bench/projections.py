@@ -5,7 +5,10 @@
 batch long enough) vs its LoRA term added at every layer;
 ``--compare attention``: a CPU decode step's grouped query heads packed per key/value head (``attention``)
 vs transformers' SDPA call, which passes ``enable_gqa`` where there is no padding mask;
-``--compare kernel``: a CPU decode step's LoRA terms added by ``lora_cpu``'s kernel vs torch's matmuls.
+``--compare kernel``: a CPU decode step's LoRA terms added by ``cpu_kernels``' kernel vs torch's matmuls;
+``--compare prefill``: a CPU bf16 prefill's attention by ``cpu_kernels``' kernel vs SDPA; whole prefills are
+timed instead of decode steps (``--shorter-by N``: each row N tokens shorter than the one before, so the rows
+are left-padded and SDPA gets a mask).
 
 Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
 with the compared option off; the same batch of prompts is prefilled in each, then their decode steps
@@ -18,6 +21,7 @@ proxy for a graph's kernels), and how far the two runtimes' logits are apart.
     python bench/projections.py                              # CPU: SmolLM2, batch 1 and 8
     python bench/projections.py --compare packed --dtype bf16
     python bench/projections.py --compare attention --dtype bf16 --prompt-tokens 64 1000
+    python bench/projections.py --compare prefill --dtype bf16 --batch 1 2 --prompt-tokens 256 1014 --steps 5
     python bench/projections.py --random-shape llama-8b --dtype bf16 --base-model .gpu-kit/smollm2-tokenizer
 """
 from __future__ import annotations
@@ -44,7 +48,7 @@ from bot.engine.local.runtime import Runtime  # noqa: E402
 
 
 OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge",
-           "attention": "decode_attention", "kernel": "lora_kernel"}
+           "attention": "decode_attention", "kernel": "lora_kernel", "prefill": "prefill_attention"}
 """--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 
@@ -59,13 +63,19 @@ class CountOps(TorchDispatchMode):
 
 
 class Side:
-    """One runtime decoding one batch; its steps are timed one at a time."""
+    """One runtime decoding one batch; its prefills and steps are timed one at a time."""
 
     def __init__(self, rt: Runtime, slots: list[int], prompts: list[list[int]]) -> None:
-        self.rt, self.slots, self.times = rt, slots, []
-        self.batch, logits = DecodeBatch.prefill(partial(rt.forward, slots=slots), prompts, {}, rt.pad_id, rt.device)
-        self.tokens = logits.argmax(-1)
-        self.logits = logits
+        self.rt, self.slots, self.prompts, self.times = rt, slots, prompts, []
+        self.prefill()
+
+    def prefill(self) -> None:
+        start = time.perf_counter()
+        self.batch, self.logits = DecodeBatch.prefill(partial(self.rt.forward, slots=self.slots), self.prompts, {},
+                                                      self.rt.pad_id, self.rt.device)
+        sync()
+        self.times.append(time.perf_counter() - start)
+        self.tokens = self.logits.argmax(-1)
 
     def step(self) -> None:
         sync()
@@ -87,7 +97,8 @@ def main() -> None:
     add_base_args(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[64], help="each row's prompt length")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per side and case")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps (prefills) per side and case")
+    parser.add_argument("--shorter-by", type=int, default=0, help="each row this many tokens shorter (left padding)")
     parser.add_argument("--compare", choices=OPTIONS, default="fused", help="the layout option compared")
     parser.add_argument("--load-first", choices=["on", "off"], default="on",
                         help="which side is loaded first (on a CPU the one loaded second ran 5-8%% faster)")
@@ -106,27 +117,30 @@ def main() -> None:
           f"{args.random_shape or spec} {args.dtype} "
           f"quantization={args.quantization}, LoRA r={args.rank}, {args.steps} steps per case, {device_name()}; "
           f"fused groups: {len(sides[True].projections)} / {len(sides[False].projections)}")
-    print(f"| batch | prompt tokens | adapters | {args.compare} off ms/step | {args.compare} on ms/step | speedup "
+    unit = "prefill" if args.compare == "prefill" else "step"
+    print(f"| batch | prompt tokens | adapters | {args.compare} off ms/{unit} | {args.compare} on ms/{unit} | speedup "
           "| ops per eager step off / on | logits max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for size, length in itertools.product(args.batch, args.prompt_tokens):
-            prompts = torch.randint(10, sides[True].tokenizer.vocab_size, (size, length), generator=gen)
+            prompts = torch.randint(10, sides[True].tokenizer.vocab_size, (size, length), generator=gen).tolist()
+            prompts = [row[i * args.shorter_by:] for i, row in enumerate(prompts)]
             cases = {"none": lambda on: [0] * size, "one": lambda on: slots[on][:1] * size}
             if size > 1:
                 cases["one per row"] = lambda on: slots[on][:size]
             for case, rows in cases.items():
-                runs = {on: Side(rt, rows(on), prompts.tolist()) for on, rt in sides.items()}
+                runs = {on: Side(rt, rows(on), prompts) for on, rt in sides.items()}
                 diff = float((runs[True].logits - runs[False].logits).abs().max() / runs[False].logits.abs().max())
                 for step in range(args.steps + 2):  # the first two: warm-up (and graph capture on a GPU)
                     # each goes first every other step, so the order of steps favours neither side (the 5-8%
                     # bias seen on a CPU came from the load order: --load-first)
                     for side in list(runs.values())[:: 1 if step % 2 else -1]:
-                        side.step()
-                ms = {on: 1000 * statistics.median(side.times[2:]) for on, side in runs.items()}
+                        side.prefill() if unit == "prefill" else side.step()
+                ms = {on: 1000 * statistics.median(side.times[3:]) for on, side in runs.items()}
                 ops = {on: side.ops_per_step() for on, side in runs.items()}
-                print(f"| {size} | {length} | {case} | {ms[False]:.2f} | {ms[True]:.2f} "
+                lengths = "/".join(str(n) for n in sorted({len(p) for p in prompts}, reverse=True))
+                print(f"| {size} | {lengths} | {case} | {ms[False]:.2f} | {ms[True]:.2f} "
                       f"| {ms[False] / ms[True]:.2f}x | {ops[False]} / {ops[True]} | {diff:.2g} |")
 
 

@@ -19,8 +19,8 @@ _CORPUS = [
 ] * 50
 
 
-def build_tiny_model(path: Path, vocab_size: int = 512) -> Path:
-    """Write a ~1M-parameter Llama plus tokenizer to ``path`` and return it."""
+def build_tiny_model(path: Path, vocab_size: int = 512, head_dim: int | None = None) -> Path:
+    """Write a ~1M-parameter Llama plus tokenizer to ``path`` and return it (heads of 16, or ``head_dim``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,7 +44,7 @@ def build_tiny_model(path: Path, vocab_size: int = 512) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
     )

@@ -3,7 +3,7 @@
 Every targeted linear layer keeps the LoRA weights of all loaded adapters stacked:
 A ``[slots, rank, in]`` and B transposed, ``[slots, rank, out]`` (the LoRA scale folded into B, smaller ranks
 zero-padded). A forward hook adds ``x @ A[s].T @ B[s].T`` for each row's slot ``s`` into the layer's
-output: on a CPU with its kernel built (``lora_cpu``), a decode step's in one call per layer that reads each
+output: on a CPU with its kernel built (``cpu_kernels``), a decode step's in one call per layer that reads each
 row's weights in place; else two matmuls when the whole batch uses one adapter, or a gather of the rows'
 slices and two batched matmuls (a CPU decode step keeps the rows' gathered weights for the next step with
 the same rows). Slot 0 stays all zeros (no adapter). A fused projection (``projections``: q/k/v as one
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .lora_cpu import LoraAdd
+from .cpu_kernels import LoraAdd
 from .merged import MergedAdapter
 from .projections import FusedLinear, Part
 
@@ -82,7 +82,7 @@ class LoraSlots:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
                  merged: MergedAdapter | None = None, kernel: LoraAdd | None = None) -> None:
         """``merged``: where one-adapter forwards may run on that adapter folded into the weights;
-        ``kernel``: the CPU kernel (``lora_cpu.load()``) decode steps add their LoRA terms with."""
+        ``kernel``: the CPU kernel (``cpu_kernels.load().lora_add``) decode steps add their LoRA terms with."""
         self._modules = dict(model.named_modules())
         self._dtype = dtype
         self._device = device

@@ -20,9 +20,9 @@ from finetune.model import (
 from finetune.prompt import stop_token_ids
 
 from ..config import EngineConfig
-from . import lora_cpu, packed
+from . import cpu_kernels, packed
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
-from .attention import DECODE
+from .attention import DECODE, PREFILL
 from .graphs import CudaGraphs, DecodeGraphs
 from .kvbatch import DecodeBatch
 from .liger import apply_liger
@@ -41,12 +41,12 @@ class Runtime:
     def __init__(
         self, model: Any, tokenizer: Any, info: BaseInfo, prefix_cache_bytes: int = 0, cuda_graphs: bool = False,
         fused_kernels: bool = False, projections: Sequence[FusedLinear] = (), merge: bool = False,
-        lora_kernel: lora_cpu.LoraAdd | None = None,
+        lora_kernel: cpu_kernels.LoraAdd | None = None,
     ) -> None:
         """``fused_kernels``: whether ``fused.fuse`` put Liger's kernels in the model (for reports).
         ``projections``: the model's fused projections (``projections.fuse_projections``). ``merge``: fold
         an adapter that has the batch to itself into the weights (``merged``; packed CPU weights only).
-        ``lora_kernel``: the CPU kernel for decode steps' LoRA terms (``lora_cpu``)."""
+        ``lora_kernel``: the CPU kernel for decode steps' LoRA terms (``cpu_kernels``)."""
         self.model = model
         self.fused_kernels = fused_kernels
         self.projections = list(projections)
@@ -65,12 +65,14 @@ class Runtime:
 
     @classmethod
     def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True,
-             merge: bool = True, decode_attention: bool = True, lora_kernel: bool = True) -> Runtime:
+             merge: bool = True, decode_attention: bool = True, lora_kernel: bool = True,
+             prefill_attention: bool = True) -> Runtime:
         """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
         matmul each where that is faster (``projections``); ``packed_weights``: bf16 weights on a CPU laid out
         for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``);
         ``decode_attention``: a CPU decode step's grouped heads packed (``attention``); ``lora_kernel``: CPU
-        decode steps add their LoRA terms with ``lora_cpu``'s kernel. All five are off only to compare."""
+        decode steps add their LoRA terms with ``cpu_kernels``' kernel; ``prefill_attention``: a CPU bf16
+        prefill's attention by ``cpu_kernels``' kernel (``attention.PREFILL``). All six are off only to compare."""
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         quantization, fused_kernels = config.quantization, config.fused_kernels
         ref = resolve(config.base_model or EMBEDDED_DEFAULT)
@@ -93,9 +95,13 @@ class Runtime:
         info = BaseInfo(ref.name, fingerprint(model.config), linear_shapes(model), model.device, lora_dtype)
         packs = packed_weights and model.device.type == "cpu" and packed.available()
         packs = packs and packed.pack_linears(model, projections) > 0
-        kernel = None
-        if lora_kernel and model.device.type == "cpu" and compute in (torch.bfloat16, torch.float32):
-            kernel = lora_cpu.load()
+        kernels = None
+        if (lora_kernel or prefill_attention) and model.device.type == "cpu" and compute in (torch.bfloat16,
+                                                                                           torch.float32):
+            kernels = cpu_kernels.load()
+        kernel = kernels.lora_add if kernels is not None and lora_kernel else None
+        if prefill_attention and decode_attention and kernels is not None and kernels.attention is not None:
+            model.set_attn_implementation(PREFILL)
         return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections,
                    merge=merge and packs, lora_kernel=kernel)
 

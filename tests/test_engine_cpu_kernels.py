@@ -1,4 +1,6 @@
-"""The CPU LoRA kernel (``lora_cpu``): built here, it adds the same terms the torch ops do, in one call."""
+"""The CPU kernels (``cpu_kernels``): built here, the LoRA kernel adds the same terms the torch ops do, in one call.
+
+The attention kernel has its own tests (``test_engine_attention_cpu``)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from bot.engine.local import lora_cpu
+from bot.engine.local import cpu_kernels
 from bot.engine.local.lora import LoraSlots
 from bot.engine.local.projections import fuse_projections
 from engine_fixtures import CountOps
@@ -17,9 +19,9 @@ from engine_fixtures import CountOps
 def kernel():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the engine keeps torch ops (tested elsewhere)")
-    built = lora_cpu.load()
-    assert built is not None, "a machine with a C++ compiler builds the kernel (see the log for why not)"
-    return built
+    built = cpu_kernels.load()
+    assert built is not None, "a machine with a C++ compiler builds the kernels (see the log for why not)"
+    return built.lora_add
 
 
 def reference(out, x, slots, a, b, splits):
@@ -120,13 +122,14 @@ def test_where_the_kernel_cannot_be_built_the_engine_says_why_and_keeps_torch_op
         raise RuntimeError("Error building extension\nc++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    lora_cpu.build.cache_clear()
+    cpu_kernels.build.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
-            assert lora_cpu.load() is None
+            assert cpu_kernels.load() is None
     finally:
-        lora_cpu.build.cache_clear()
-    assert "lora_cpu.cpp: the CPU LoRA kernel could not be built (c++: command not found)" in caplog.text
+        cpu_kernels.build.cache_clear()
+    assert ("lora_cpu.cpp, attention_cpu.cpp: the CPU kernels could not be built (c++: command not found)"
+            in caplog.text)
     assert "apt-get install g++" in caplog.text
 
 
@@ -137,10 +140,10 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_
 
     lock = tmp_path / "lock"
     lock.touch()
-    lora_cpu.clear_stale_lock(tmp_path)
+    cpu_kernels.clear_stale_lock(tmp_path)
     assert lock.exists(), "a build in progress holds it"
-    old = time.time() - lora_cpu.STALE_LOCK_S - 1
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
-    lora_cpu.clear_stale_lock(tmp_path)
+    cpu_kernels.clear_stale_lock(tmp_path)
     assert not lock.exists()
-    lora_cpu.clear_stale_lock(tmp_path)  # nothing there: nothing to do
+    cpu_kernels.clear_stale_lock(tmp_path)  # nothing there: nothing to do

@@ -1,0 +1,119 @@
+"""The CPU prefill attention kernel (``attention_cpu.cpp``): causal attention past each row's left padding, as
+fp32 attention gives it within bf16 rounding, and the engine's CPU prefills run through it."""
+from __future__ import annotations
+
+import shutil
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bot.engine import EngineConfig
+from bot.engine.local import cpu_kernels
+from bot.engine.local.attention import PREFILL
+from bot.engine.local.kvbatch import DecodeBatch
+from bot.engine.local.runtime import Runtime
+from engine_fixtures import CountOps
+from tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the engine keeps SDPA (tested elsewhere)")
+    built = cpu_kernels.load()
+    assert built is not None, "a machine with a C++ compiler builds the kernels (see the log for why not)"
+    if built.attention is None:
+        pytest.skip("this CPU has no AVX512-BF16: the attention kernel is left out and SDPA runs")
+    return built.attention
+
+
+def reference(q, k, v, starts, scale):
+    """fp32 SDPA with the mask spelled out: query i at key position T - Q + i sees keys starts[b] .. its own;
+    a query that sees none gives zeros. [B, Q, H, D]."""
+    batch, heads, queries, _ = q.shape
+    keys = k.shape[2]
+    groups = heads // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+    j = torch.arange(keys)
+    position = torch.arange(queries) + keys - queries
+    mask = (j[None, None, :] <= position[None, :, None]) & (j[None, None, :] >= starts[:, None, None])
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask[:, None], scale=scale)
+    seeing = mask.any(-1)  # [B, Q]
+    return torch.where(seeing[:, None, :, None], out, 0).transpose(1, 2)
+
+
+CASES = {  # batch, query heads, key/value heads, queries, keys, head size, starts
+    "one long prompt": (1, 9, 3, 300, 300, 64, [0]),
+    "left padding, a row all padding": (3, 4, 4, 37, 37, 128, [0, 5, 37]),
+    "after cached keys, padded": (2, 8, 2, 50, 200, 64, [0, 170]),
+    "blocks not filled": (2, 6, 2, 129, 129, 64, [1, 128]),
+    "one query": (2, 4, 2, 1, 70, 64, [3, 0]),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_the_kernel_gives_fp32_attention_within_bf16_rounding(kernel, case):
+    batch, heads, kv_heads, queries, keys, dim, starts = case
+    torch.manual_seed(0)
+    q = torch.randn(batch, queries, heads, dim).bfloat16().transpose(1, 2)  # strided, as transformers hands it
+    k, v = (torch.randn(batch, kv_heads, keys, dim).bfloat16() for _ in range(2))
+    starts = torch.tensor(starts)
+    want = reference(q, k, v, starts, dim**-0.5)
+    got = kernel(q, k, v, starts, dim**-0.5)
+    assert got.shape == (batch, queries, heads, dim) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-6, atol=2**-6)
+    padded = torch.arange(queries) + keys - queries < starts[:, None]
+    assert got[padded].eq(0).all(), "a query that sees no key is zeros"
+
+
+def test_the_kernel_refuses_what_it_cannot_read(kernel):
+    q, k = torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16 q, k, v"):
+        kernel(q.float(), k.float(), k.float(), torch.zeros(1, dtype=torch.long), 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernel(q[..., :32], k[..., :32], k[..., :32], torch.zeros(1, dtype=torch.long), 0.125)
+    with pytest.raises(RuntimeError, match="one int64 start per row"):
+        kernel(q, k, k, torch.zeros(2, dtype=torch.long), 0.125)
+
+
+@pytest.fixture(scope="module")
+def heads_of_64(tmp_path_factory):
+    """The tiny Llama with heads of 64 (SmolLM2's), which the kernel reads."""
+    return build_tiny_model(tmp_path_factory.mktemp("heads64") / "model", head_dim=64)
+
+
+def test_a_cpu_prefill_runs_its_attention_through_the_kernel(kernel, heads_of_64):
+    """Two prompts of unlike lengths (a padding mask) and a decode step: the prefill's layers call the kernel
+    and no SDPA, the decode step keeps SDPA, and the logits are as near fp32's as SDPA's are."""
+    config = EngineConfig(base_model=str(heads_of_64), quantization="none")
+    runtimes = {name: Runtime.load(config.model_copy(update={"dtype": dtype}), prefill_attention=on)
+                for name, dtype, on in (("kernel", "bfloat16", True), ("sdpa", "bfloat16", False),
+                                        ("fp32", "float32", False))}
+    assert runtimes["kernel"].model.config._attn_implementation == PREFILL
+    assert runtimes["sdpa"].model.config._attn_implementation != PREFILL
+    torch.manual_seed(0)
+    vocab = runtimes["fp32"].tokenizer.vocab_size
+    prompts = [torch.randint(10, vocab, (n,)).tolist() for n in (9, 70)]
+    layers = runtimes["fp32"].model.config.num_hidden_layers
+    logits = {}
+    with torch.inference_mode():
+        for name, rt in runtimes.items():
+            forward = partial(rt.forward, slots=[0, 0])
+            with CountOps() as prefill:
+                batch, first = DecodeBatch.prefill(forward, prompts, {}, rt.pad_id, rt.device)
+            with CountOps() as step:
+                second = batch.step(forward, first.argmax(-1))
+            logits[name] = first, second
+            sdpa = {op for op in prefill.ops if "scaled_dot_product" in op}
+            if name == "kernel":
+                assert prefill.ops["personabot.prefill_attention"] == layers and not sdpa
+                assert "personabot.prefill_attention" not in step.ops, "a decode step keeps SDPA"
+            else:
+                assert "personabot.prefill_attention" not in prefill.ops and sdpa
+    for at in range(2):  # the prefill's logits, then the decode step's, which read the prefill's keys and values
+        exact = logits["fp32"][at]
+        kernel_error = float((logits["kernel"][at] - exact).abs().max())
+        sdpa_error = float((logits["sdpa"][at] - exact).abs().max())
+        assert kernel_error <= 2 * sdpa_error + 1e-3 * float(exact.abs().max()), (kernel_error, sdpa_error)
