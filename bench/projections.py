@@ -6,9 +6,9 @@ batch long enough) vs its LoRA term added at every layer;
 ``--compare attention``: a CPU decode step's grouped query heads packed per key/value head (``attention``)
 vs transformers' SDPA call, which passes ``enable_gqa`` where there is no padding mask;
 ``--compare kernel``: a CPU decode step's LoRA terms added by ``cpu_kernels``' kernel vs torch's matmuls;
-``--compare prefill``: a CPU bf16 prefill's attention by ``cpu_kernels``' kernel vs SDPA; whole prefills are
-timed instead of decode steps (``--shorter-by N``: each row N tokens shorter than the one before, so the rows
-are left-padded and SDPA gets a mask).
+``--compare attention-kernel``: CPU bf16 attention by ``cpu_kernels``' kernels vs SDPA.
+``--prefills`` times whole prefills instead of decode steps; ``--shorter-by N`` makes each row N tokens shorter
+than the one before (left padding: SDPA gets a mask).
 
 Two engine runtimes on the same base and the same random LoRA bundles (r=16 on all seven projections), one
 with the compared option off; the same batch of prompts is prefilled in each, then their decode steps
@@ -21,7 +21,9 @@ proxy for a graph's kernels), and how far the two runtimes' logits are apart.
     python bench/projections.py                              # CPU: SmolLM2, batch 1 and 8
     python bench/projections.py --compare packed --dtype bf16
     python bench/projections.py --compare attention --dtype bf16 --prompt-tokens 64 1000
-    python bench/projections.py --compare prefill --dtype bf16 --batch 1 2 --prompt-tokens 256 1014 --steps 5
+    python bench/projections.py --compare attention-kernel --dtype bf16 --batch 1 8 --prompt-tokens 64 1000
+    python bench/projections.py --compare attention-kernel --dtype bf16 --batch 1 2 --prompt-tokens 256 1014 \
+        --steps 5 --prefills
     python bench/projections.py --random-shape llama-8b --dtype bf16 --base-model .gpu-kit/smollm2-tokenizer
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ from bot.engine.local.runtime import Runtime  # noqa: E402
 
 
 OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge",
-           "attention": "decode_attention", "kernel": "lora_kernel", "prefill": "prefill_attention"}
+           "attention": "decode_attention", "kernel": "lora_kernel",
+           "attention-kernel": "attention_kernel"}
 """--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[64], help="each row's prompt length")
     parser.add_argument("--steps", type=int, default=40, help="timed steps (prefills) per side and case")
     parser.add_argument("--shorter-by", type=int, default=0, help="each row this many tokens shorter (left padding)")
+    parser.add_argument("--prefills", action="store_true", help="time whole prefills instead of decode steps")
     parser.add_argument("--compare", choices=OPTIONS, default="fused", help="the layout option compared")
     parser.add_argument("--load-first", choices=["on", "off"], default="on",
                         help="which side is loaded first (on a CPU the one loaded second ran 5-8%% faster)")
@@ -117,7 +121,7 @@ def main() -> None:
           f"{args.random_shape or spec} {args.dtype} "
           f"quantization={args.quantization}, LoRA r={args.rank}, {args.steps} steps per case, {device_name()}; "
           f"fused groups: {len(sides[True].projections)} / {len(sides[False].projections)}")
-    unit = "prefill" if args.compare == "prefill" else "step"
+    unit = "prefill" if args.prefills else "step"
     print(f"| batch | prompt tokens | adapters | {args.compare} off ms/{unit} | {args.compare} on ms/{unit} | speedup "
           "| ops per eager step off / on | logits max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,5 @@
-"""The CPU prefill attention kernel (``attention_cpu.cpp``): causal attention past each row's left padding, as
-fp32 attention gives it within bf16 rounding, and the engine's CPU prefills run through it."""
+"""The CPU attention kernels (``attention_cpu.cpp``): causal attention past each row's left padding, for
+prefills and decode steps, as fp32 attention gives it within bf16 rounding, and the engine runs through them."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bot.engine import EngineConfig
 from bot.engine.local import cpu_kernels
-from bot.engine.local.attention import PREFILL
+from bot.engine.local.attention import KERNEL
 from bot.engine.local.kvbatch import DecodeBatch
 from bot.engine.local.runtime import Runtime
 from engine_fixtures import CountOps
@@ -24,9 +24,9 @@ def kernel():
         pytest.skip("no C++ compiler: the engine keeps SDPA (tested elsewhere)")
     built = cpu_kernels.load()
     assert built is not None, "a machine with a C++ compiler builds the kernels (see the log for why not)"
-    if built.attention is None:
-        pytest.skip("this CPU has no AVX512-BF16: the attention kernel is left out and SDPA runs")
-    return built.attention
+    if not built.attention:
+        pytest.skip("this CPU has no AVX512-BF16: the attention kernels are left out and SDPA runs")
+    return torch.ops.personabot
 
 
 def reference(q, k, v, starts, scale):
@@ -44,38 +44,53 @@ def reference(q, k, v, starts, scale):
     return torch.where(seeing[:, None, :, None], out, 0).transpose(1, 2)
 
 
-CASES = {  # batch, query heads, key/value heads, queries, keys, head size, starts
+PREFILLS = {  # batch, query heads, key/value heads, queries, keys, head size, starts
     "one long prompt": (1, 9, 3, 300, 300, 64, [0]),
     "left padding, a row all padding": (3, 4, 4, 37, 37, 128, [0, 5, 37]),
     "after cached keys, padded": (2, 8, 2, 50, 200, 64, [0, 170]),
     "blocks not filled": (2, 6, 2, 129, 129, 64, [1, 128]),
     "one query": (2, 4, 2, 1, 70, 64, [3, 0]),
 }
+DECODES = {
+    "8 rows, padded, chunks merged": (8, 9, 3, 1, 700, 64, [0, 37, 5, 300, 0, 0, 1, 699]),
+    "a row all padding, heads of 256": (2, 4, 1, 1, 40, 256, [40, 2]),
+    "16 query heads a key/value head, a chunk past the padding": (1, 16, 1, 1, 600, 64, [520]),
+}
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_the_kernel_gives_fp32_attention_within_bf16_rounding(kernel, case):
+@pytest.mark.parametrize("op, case", [("prefill_attention", c) for c in PREFILLS.values()]
+                         + [("decode_attention", c) for c in DECODES.values()],
+                         ids=[*PREFILLS, *DECODES])
+def test_the_kernels_give_fp32_attention_within_bf16_rounding(kernel, op, case):
     batch, heads, kv_heads, queries, keys, dim, starts = case
     torch.manual_seed(0)
     q = torch.randn(batch, queries, heads, dim).bfloat16().transpose(1, 2)  # strided, as transformers hands it
     k, v = (torch.randn(batch, kv_heads, keys, dim).bfloat16() for _ in range(2))
     starts = torch.tensor(starts)
     want = reference(q, k, v, starts, dim**-0.5)
-    got = kernel(q, k, v, starts, dim**-0.5)
+    got = getattr(kernel, op)(q, k, v, starts, dim**-0.5)
     assert got.shape == (batch, queries, heads, dim) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2**-6, atol=2**-6)
     padded = torch.arange(queries) + keys - queries < starts[:, None]
     assert got[padded].eq(0).all(), "a query that sees no key is zeros"
 
 
-def test_the_kernel_refuses_what_it_cannot_read(kernel):
-    q, k = torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("op", ["prefill_attention", "decode_attention"])
+def test_the_kernels_refuse_what_they_cannot_read(kernel, op):
+    attention = getattr(kernel, op)
+    q, k = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)
+    start = torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="bf16 q, k, v"):
-        kernel(q.float(), k.float(), k.float(), torch.zeros(1, dtype=torch.long), 0.125)
+        attention(q.float(), k.float(), k.float(), start, 0.125)
     with pytest.raises(RuntimeError, match="multiple of 64"):
-        kernel(q[..., :32], k[..., :32], k[..., :32], torch.zeros(1, dtype=torch.long), 0.125)
+        attention(q[..., :32], k[..., :32], k[..., :32], start, 0.125)
     with pytest.raises(RuntimeError, match="one int64 start per row"):
-        kernel(q, k, k, torch.zeros(2, dtype=torch.long), 0.125)
+        attention(q, k, k, torch.zeros(2, dtype=torch.long), 0.125)
+    with pytest.raises(RuntimeError, match="Q <= T"):
+        attention(torch.zeros(1, 2, 5, 64, dtype=torch.bfloat16), k, k, start, 0.125)
+    if op == "decode_attention":
+        with pytest.raises(RuntimeError, match="one query per row"):
+            attention(torch.zeros(1, 2, 2, 64, dtype=torch.bfloat16), k, k, start, 0.125)
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +99,15 @@ def heads_of_64(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("heads64") / "model", head_dim=64)
 
 
-def test_a_cpu_prefill_runs_its_attention_through_the_kernel(kernel, heads_of_64):
-    """Two prompts of unlike lengths (a padding mask) and a decode step: the prefill's layers call the kernel
-    and no SDPA, the decode step keeps SDPA, and the logits are as near fp32's as SDPA's are."""
+def test_the_engines_cpu_prefills_and_decode_steps_run_their_attention_through_the_kernels(kernel, heads_of_64):
+    """Two prompts of unlike lengths (a padding mask) and a decode step: each layer calls a kernel and no SDPA,
+    and the logits are as near fp32's as SDPA's are."""
     config = EngineConfig(base_model=str(heads_of_64), quantization="none")
-    runtimes = {name: Runtime.load(config.model_copy(update={"dtype": dtype}), prefill_attention=on)
+    runtimes = {name: Runtime.load(config.model_copy(update={"dtype": dtype}), attention_kernel=on)
                 for name, dtype, on in (("kernel", "bfloat16", True), ("sdpa", "bfloat16", False),
                                         ("fp32", "float32", False))}
-    assert runtimes["kernel"].model.config._attn_implementation == PREFILL
-    assert runtimes["sdpa"].model.config._attn_implementation != PREFILL
+    assert runtimes["kernel"].model.config._attn_implementation == KERNEL
+    assert runtimes["sdpa"].model.config._attn_implementation != KERNEL
     torch.manual_seed(0)
     vocab = runtimes["fp32"].tokenizer.vocab_size
     prompts = [torch.randint(10, vocab, (n,)).tolist() for n in (9, 70)]
@@ -106,12 +121,12 @@ def test_a_cpu_prefill_runs_its_attention_through_the_kernel(kernel, heads_of_64
             with CountOps() as step:
                 second = batch.step(forward, first.argmax(-1))
             logits[name] = first, second
-            sdpa = {op for op in prefill.ops if "scaled_dot_product" in op}
-            if name == "kernel":
-                assert prefill.ops["personabot.prefill_attention"] == layers and not sdpa
-                assert "personabot.prefill_attention" not in step.ops, "a decode step keeps SDPA"
-            else:
-                assert "personabot.prefill_attention" not in prefill.ops and sdpa
+            for count, op in ((prefill, "personabot.prefill_attention"), (step, "personabot.decode_attention")):
+                sdpa = {name for name in count.ops if "scaled_dot_product" in name}
+                if name == "kernel":
+                    assert count.ops[op] == layers and not sdpa
+                else:
+                    assert op not in count.ops and sdpa
     for at in range(2):  # the prefill's logits, then the decode step's, which read the prefill's keys and values
         exact = logits["fp32"][at]
         kernel_error = float((logits["kernel"][at] - exact).abs().max())

@@ -1,12 +1,14 @@
-// Causal attention of a CPU prefill, bf16, with AVX512-BF16 dot products (see cpu_kernels.py, attention.py).
+// Causal attention on a CPU, bf16, with AVX512-BF16 dot products (see cpu_kernels.py, attention.py).
 //
 // q [B, H, Q, D], k and v [B, KV, T, D] (each row of D contiguous; H a multiple of KV), starts [B]: query i of
 // row b sits at key position T - Q + i and sees keys starts[b] .. T - Q + i (left padding, then causal). The
-// result is [B, Q, H, D]; a query that sees no key (padding) gets zeros. A flash-attention loop: per task,
-// one key/value head and QB query positions of its H / KV query heads, over blocks of KB keys packed for
-// vdpbf16ps; the scores and softmax sums are fp32, the probabilities are rounded to bf16 for P.V as in
-// torch's CPU flash kernel. Built only where the compiler targets AVX512-BF16; elsewhere the op is absent
-// and SDPA runs.
+// result is [B, Q, H, D]; a query that sees no key (padding) gets zeros.
+// prefill_attention: a flash-attention loop; per task, one key/value head and QB query positions of its H / KV
+// query heads, over blocks of KB keys packed for vdpbf16ps; the scores and softmax sums are fp32, the
+// probabilities are rounded to bf16 for P.V as in torch's CPU flash kernel.
+// decode_attention (Q = 1): per task, one key/value head's H / KV queries over CHUNK keys read where they lie
+// in the cache, all in fp32 after the dot products; the chunks' partial sums are merged after.
+// Built only where the compiler targets AVX512-BF16; elsewhere the ops are absent and SDPA runs.
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -161,17 +163,21 @@ inline void weigh(Task& t, int64_t r0, const uint16_t* vp, int64_t d) {
   }
 }
 
-at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& starts,
-                             double scale) {
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& starts, const char* op) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(2) <= k.size(2),
-              "prefill_attention: q [B, H, Q, D], k and v [B, KV, T, D] with H a multiple of KV and Q <= T");
+              op, ": q [B, H, Q, D], k and v [B, KV, T, D] with H a multiple of KV and Q <= T");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "prefill_attention: bf16 q, k, v, each row of D contiguous");
-  TORCH_CHECK(q.size(3) % 64 == 0, "prefill_attention: a head size that is a multiple of 64");
+              op, ": bf16 q, k, v, each row of D contiguous");
+  TORCH_CHECK(q.size(3) % 64 == 0 && q.size(3) <= 256, op, ": a head size that is a multiple of 64, at most 256");
   TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == q.size(0),
-              "prefill_attention: one int64 start per row");
+              op, ": one int64 start per row");
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& starts,
+                             double scale) {
+  check(q, k, v, starts, "prefill_attention");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), KV = k.size(1), T = k.size(2);
   const int64_t G = H / KV, offset = T - Lq, blocks = (T + KB - 1) / KB, qblocks = (Lq + QB - 1) / QB;
   at::Tensor out = at::zeros({B, Lq, H, D}, q.options());
@@ -242,11 +248,121 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
+
+constexpr int64_t CHUNK = 256;  // keys per decode task: a lone row's 1000 keys still feed both threads
+constexpr int64_t GMAX = 16;    // query heads per key/value head a decode task holds
+
+inline __m512 bf16_to_fp32(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// One decode task: scores of G queries against keys j0..j1-1, their softmax (maximum m, sum l) and o = P.V.
+void decode_chunk(const uint16_t* const* q, int64_t G, const uint16_t* k, int64_t k_stride, const uint16_t* v,
+                  int64_t v_stride, int64_t n, int64_t d, float scale, float* s, float* m, float* l, float* o) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512bh qv[8];
+    for (int64_t c = 0; c < d / 32; ++c) qv[c] = load_bh(q[g] + c * 32);
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d / 32; ++c) acc = _mm512_dpbf16_ps(acc, qv[c], load_bh(k + j * k_stride + c * 32));
+      s[g * CHUNK + j] = _mm512_reduce_add_ps(acc) * scale;
+      top = std::max(top, s[g * CHUNK + j]);
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 in = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+      float* row = s + g * CHUNK + j;
+      const __m512 e = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, row), _mm512_set1_ps(top))));
+      _mm512_mask_storeu_ps(row, in, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    m[g] = top;
+    l[g] = _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t d0 = 0; d0 < d; d0 += 64) {
+    __m512 acc[GMAX][4];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* vv = v + j * v_stride + d0;
+      const __m512 v0 = bf16_to_fp32(vv), v1 = bf16_to_fp32(vv + 16), v2 = bf16_to_fp32(vv + 32),
+                   v3 = bf16_to_fp32(vv + 48);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(s[g * CHUNK + j]);
+        acc[g][0] = _mm512_fmadd_ps(p, v0, acc[g][0]);
+        acc[g][1] = _mm512_fmadd_ps(p, v1, acc[g][1]);
+        acc[g][2] = _mm512_fmadd_ps(p, v2, acc[g][2]);
+        acc[g][3] = _mm512_fmadd_ps(p, v3, acc[g][3]);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < 4; ++c) _mm512_storeu_ps(o + g * d + d0 + c * 16, acc[g][c]);
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& starts,
+                            double scale) {
+  check(q, k, v, starts, "decode_attention");
+  TORCH_CHECK(q.size(2) == 1 && q.size(1) / k.size(1) <= GMAX,
+              "decode_attention: one query per row, at most 16 query heads per key/value head");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), T = k.size(2);
+  const int64_t G = H / KV, chunks = (T + CHUNK - 1) / CHUNK;
+  const at::Tensor start_t = starts.contiguous();
+  const int64_t* start = start_t.data_ptr<int64_t>();
+  std::vector<float> part_m(B * KV * chunks * G), part_l(part_m.size()), part_o(part_m.size() * D);
+  const auto* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
+  const auto* kd = reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>());
+  const auto* vd = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, B * KV * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(GMAX * CHUNK);
+    const uint16_t* rows[GMAX];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (KV * chunks), h = i / chunks % KV, c = i % chunks;
+      const int64_t j0 = std::max<int64_t>(c * CHUNK, start[b]), j1 = std::min<int64_t>((c + 1) * CHUNK, T);
+      if (j0 >= j1) {  // all padding: no weight in the merge
+        std::fill_n(part_m.data() + i * G, G, -std::numeric_limits<float>::infinity());
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) rows[g] = qd + b * q.stride(0) + (h * G + g) * q.stride(1);
+      decode_chunk(rows, G, kd + b * k.stride(0) + h * k.stride(1) + j0 * k.stride(2), k.stride(2),
+                   vd + b * v.stride(0) + h * v.stride(1) + j0 * v.stride(2), v.stride(2), j1 - j0, D,
+                   static_cast<float>(scale), s.data(), part_m.data() + i * G, part_l.data() + i * G,
+                   part_o.data() + i * G * D);
+    }
+  });
+  at::Tensor out = at::zeros({B, 1, H, D}, q.options());
+  auto* od = reinterpret_cast<c10::BFloat16*>(out.data_ptr<c10::BFloat16>());
+  std::vector<float> sum(D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t first = (b * KV + h) * chunks;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, part_m[(first + c) * G + g]);
+        if (top == -std::numeric_limits<float>::infinity()) continue;  // a row of padding only
+        float total = 0.f;
+        std::fill(sum.begin(), sum.end(), 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t at = (first + c) * G + g;
+          if (part_m[at] == -std::numeric_limits<float>::infinity()) continue;
+          const float w = std::exp(part_m[at] - top);
+          total += w * part_l[at];
+          for (int64_t x = 0; x < D; ++x) sum[x] += w * part_o[at * D + x];
+        }
+        for (int64_t x = 0; x < D; ++x) od[(b * H + h * G + g) * D + x] = c10::BFloat16(sum[x] / total);
+      }
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(personabot, m) {
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor starts, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor starts, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(personabot, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
+TORCH_LIBRARY_IMPL(personabot, CPU, m) {
+  m.impl("prefill_attention", &prefill_attention);
+  m.impl("decode_attention", &decode_attention);
+}
 #endif

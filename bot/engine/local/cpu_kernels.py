@@ -1,5 +1,5 @@
-"""The engine's CPU kernels, built from C++ on first use: a decode step's LoRA terms (``lora_cpu.cpp``) and a
-prefill's causal attention (``attention_cpu.cpp``).
+"""The engine's CPU kernels, built from C++ on first use: a decode step's LoRA terms (``lora_cpu.cpp``) and
+causal attention for prefills and decode steps (``attention_cpu.cpp``, used by ``attention.KERNEL``).
 
 LoRA terms: with torch ops, a CPU decode step of 8 rows on 8 r=16 adapters (SmolLM2, 2 threads) spent about 10.5 ms of its
 46 in LoRA terms: an A and a B matmul per part of each fused layer, each added into the bf16 output on its
@@ -7,10 +7,11 @@ own (five to eight ops a layer), from copies of the rows' weights gathered for t
 adapter, two matmuls and an add a layer. The kernel reads each row's weights where they are and adds the term
 in one pass (``bench/projections.py --compare kernel``: 1.11-1.24x per step, the same logits).
 
-Prefill attention: torch's CPU flash kernel took 14-15 ms a layer for one 1014-token prompt and 34 ms for two
-with a padding mask (SmolLM2's 9 query heads on 3, bf16, 2 threads), over a third of the prefill. The kernel,
-with AVX512-BF16 dot products, took 5.2 and 9.4 ms; where the compiler does not target AVX512-BF16 it is
-left out (``Kernels.attention`` is None) and SDPA runs.
+Attention: torch's CPU flash kernel took 14-15 ms a layer for one 1014-token prompt and 34 ms for two with a
+padding mask (SmolLM2's 9 query heads on 3, bf16, 2 threads), over a third of the prefill, and 0.9 ms for a
+decode step of 8 rows at 1000 tokens. The kernels, with AVX512-BF16 dot products, took 5.2, 9.4 and 0.43 ms;
+where the compiler does not target AVX512-BF16 they are left out (``Kernels.attention`` is False) and SDPA
+runs.
 
 They are compiled on first use with torch's extension builder (a C++ compiler and ninja; about 11 s on 2 cores)
 for this CPU (``-march=native``), and cached under ``TORCH_EXTENSIONS_DIR`` (by default
@@ -45,16 +46,13 @@ LoraAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 """(out [rows, out] updated in place, x [rows, in], slots [rows] int64, A [slots, parts*r, in],
 B transposed [slots, parts*r, out], the parts' output widths)."""
 
-PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-"""(q [B, H, Q, D], k and v [B, KV, T, D], starts [B] int64: each row's first key after its left padding,
-scale) -> [B, Q, H, D]; causal, query i at key position T - Q + i. bf16, D a multiple of 64."""
 
 
 @dataclass(frozen=True)
 class Kernels:
     lora_add: LoraAdd
-    attention: PrefillAttention | None
-    """None where the build does not target AVX512-BF16"""
+    attention: bool
+    """whether ``torch.ops.personabot.prefill_attention`` and ``decode_attention`` were built (AVX512-BF16)"""
 
 
 _building = threading.Lock()
@@ -87,13 +85,13 @@ def build() -> Kernels | None:
                         extra_ldflags=["-fopenmp"], build_directory=str(root / name), is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compiler that rejects the source, no room
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        log.warning("%s: the CPU kernels could not be built (%s); LoRA terms and prefill attention run as torch "
-                    "ops, a decode step about 10%% slower and a long prompt's prefill up to 1.3x slower (install a "
-                    "C++ compiler, e.g. apt-get install g++)", ", ".join(s.name for s in SOURCES), reason)
+        log.warning("%s: the CPU kernels could not be built (%s); LoRA terms and attention run as torch ops, a "
+                    "decode step 1.1-1.4x slower and a long prompt's prefill up to 1.3x (install a C++ compiler, "
+                    "e.g. apt-get install g++)", ", ".join(s.name for s in SOURCES), reason)
         return None
-    attention = getattr(torch.ops.personabot, "prefill_attention", None)
-    if attention is None:
-        log.info("%s: this CPU has no AVX512-BF16; prefill attention runs through SDPA", SOURCES[1].name)
+    attention = hasattr(torch.ops.personabot, "decode_attention")
+    if not attention:
+        log.info("%s: this CPU has no AVX512-BF16; attention runs through SDPA", SOURCES[1].name)
     return Kernels(torch.ops.personabot.lora_add, attention)
 
 

@@ -22,7 +22,7 @@ from finetune.prompt import stop_token_ids
 from ..config import EngineConfig
 from . import cpu_kernels, packed
 from .adapters import BaseInfo, PreparedAdapter, linear_shapes
-from .attention import DECODE, PREFILL
+from .attention import DECODE, KERNEL
 from .graphs import CudaGraphs, DecodeGraphs
 from .kvbatch import DecodeBatch
 from .liger import apply_liger
@@ -66,13 +66,13 @@ class Runtime:
     @classmethod
     def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True,
              merge: bool = True, decode_attention: bool = True, lora_kernel: bool = True,
-             prefill_attention: bool = True) -> Runtime:
+             attention_kernel: bool = True) -> Runtime:
         """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
         matmul each where that is faster (``projections``); ``packed_weights``: bf16 weights on a CPU laid out
         for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``);
         ``decode_attention``: a CPU decode step's grouped heads packed (``attention``); ``lora_kernel``: CPU
-        decode steps add their LoRA terms with ``cpu_kernels``' kernel; ``prefill_attention``: a CPU bf16
-        prefill's attention by ``cpu_kernels``' kernel (``attention.PREFILL``). All six are off only to compare."""
+        decode steps add their LoRA terms with ``cpu_kernels``' kernel; ``attention_kernel``: CPU bf16 attention
+        by ``cpu_kernels``' kernels (``attention.KERNEL``). All six are off only to compare."""
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         quantization, fused_kernels = config.quantization, config.fused_kernels
         ref = resolve(config.base_model or EMBEDDED_DEFAULT)
@@ -96,12 +96,12 @@ class Runtime:
         packs = packed_weights and model.device.type == "cpu" and packed.available()
         packs = packs and packed.pack_linears(model, projections) > 0
         kernels = None
-        if (lora_kernel or prefill_attention) and model.device.type == "cpu" and compute in (torch.bfloat16,
-                                                                                           torch.float32):
+        if (lora_kernel or attention_kernel) and model.device.type == "cpu" and compute in (torch.bfloat16,
+                                                                                          torch.float32):
             kernels = cpu_kernels.load()
         kernel = kernels.lora_add if kernels is not None and lora_kernel else None
-        if prefill_attention and decode_attention and kernels is not None and kernels.attention is not None:
-            model.set_attn_implementation(PREFILL)
+        if attention_kernel and decode_attention and kernels is not None and kernels.attention:
+            model.set_attn_implementation(KERNEL)
         return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections,
                    merge=merge and packs, lora_kernel=kernel)
 
