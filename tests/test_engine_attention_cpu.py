@@ -132,3 +132,27 @@ def test_the_engines_cpu_prefills_and_decode_steps_run_their_attention_through_t
         kernel_error = float((logits["kernel"][at] - exact).abs().max())
         sdpa_error = float((logits["sdpa"][at] - exact).abs().max())
         assert kernel_error <= 2 * sdpa_error + 1e-3 * float(exact.abs().max()), (kernel_error, sdpa_error)
+
+
+@pytest.mark.parametrize("why", ["nothing", "fp32", "sliding window", "softcap", "heads of 32"])
+def test_attention_the_kernels_cannot_give_stays_with_sdpa(kernel, why):
+    """The kernels know left padding and causal masks of bf16 heads of 64-256 only: the rest keeps SDPA's path
+    (with "nothing" in the way, the kernel runs)."""
+    from types import SimpleNamespace
+
+    from bot.engine.local.attention import kernel_attention
+
+    window = 4 if why == "sliding window" else None
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, sliding_window=window)
+    dim = 32 if why == "heads of 32" else 64
+    dtype = torch.float32 if why == "fp32" else torch.bfloat16
+    q = torch.randn(1, 4, 6, dim).to(dtype)
+    k, v = torch.randn(1, 2, 6, dim).to(dtype), torch.randn(1, 2, 6, dim).to(dtype)
+    extra = {"softcap": 30.0} if why == "softcap" else {}
+    with CountOps() as count:
+        try:
+            kernel_attention(module, q, k, v, None, scaling=dim**-0.5, **extra)
+        except ValueError as e:  # transformers' SDPA refuses softcap outright: what it would do without the kernels
+            assert "softcap" in str(e)
+    kernels = {op for op in count.ops if op.startswith("personabot.")}
+    assert kernels == ({"personabot.prefill_attention"} if why == "nothing" else set())

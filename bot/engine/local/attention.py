@@ -9,11 +9,11 @@ tokens 499 vs 98 us, at 1000 tokens 4459 vs 603 us), the same bits at batch 1. G
 reaches native kernels) keep transformers' function as it is.
 
 ``KERNEL``: bf16 attention on a CPU through ``cpu_kernels``' kernels (``attention_cpu.cpp``) where they are
-built, prefills and decode steps alike; else ``DECODE``. Per layer (2 threads), torch's flash kernel took 14-15
-ms for one 1014-token prompt, 34 ms for two with a padding mask, and 0.95 ms for a decode step of 8 rows at
-1000 tokens (0.13 at 64); the kernels 5.2, 9.4, 0.43 (0.03). They read each row's padding from the mask's last
-query row, which sees every real key: the engine's masks are left padding, then causal (``kvbatch``); a layer
-with a sliding window or other extras keeps SDPA.
+built, prefills and decode steps alike; else ``DECODE``. Per layer (2 threads), torch's flash kernel took
+14-15 ms for one 1014-token prompt, 34 ms for two with a padding mask, and 0.8-1.2 ms for a decode step of 8
+rows at 1000 tokens (0.09-0.13 at 64); the kernels 5.2, 9.4, 0.2-0.4 (0.02-0.03). They read each row's padding
+from the mask's last query row, which sees every real key: the engine's masks are left padding, then causal
+(``kvbatch``); a layer with a sliding window or other extras keeps SDPA.
 """
 from __future__ import annotations
 

@@ -273,7 +273,8 @@ void decode_chunk(const uint16_t* const* q, int64_t G, const uint16_t* k, int64_
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 in = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
       float* row = s + g * CHUNK + j;
-      const __m512 e = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, row), _mm512_set1_ps(top))));
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(in, row), _mm512_set1_ps(top));
+      const __m512 e = _mm512_maskz_mov_ps(in, exp16(x));
       _mm512_mask_storeu_ps(row, in, e);
       sum = _mm512_add_ps(sum, e);
     }

@@ -1,21 +1,21 @@
 """The engine's CPU kernels, built from C++ on first use: a decode step's LoRA terms (``lora_cpu.cpp``) and
 causal attention for prefills and decode steps (``attention_cpu.cpp``, used by ``attention.KERNEL``).
 
-LoRA terms: with torch ops, a CPU decode step of 8 rows on 8 r=16 adapters (SmolLM2, 2 threads) spent about 10.5 ms of its
-46 in LoRA terms: an A and a B matmul per part of each fused layer, each added into the bf16 output on its
-own (five to eight ops a layer), from copies of the rows' weights gathered for the batch; a batch on one
-adapter, two matmuls and an add a layer. The kernel reads each row's weights where they are and adds the term
-in one pass (``bench/projections.py --compare kernel``: 1.11-1.24x per step, the same logits).
+LoRA terms: with torch ops, a CPU decode step of 8 rows on 8 r=16 adapters (SmolLM2, 2 threads) spent about
+10.5 ms of its 46 in LoRA terms: an A and a B matmul per part of each fused layer, each added into the bf16
+output on its own (five to eight ops a layer), from copies of the rows' weights gathered for the batch; a
+batch on one adapter, two matmuls and an add a layer. The kernel reads each row's weights where they are and
+adds the term in one pass (``bench/projections.py --compare kernel``: 1.11-1.24x per step, the same logits).
 
 Attention: torch's CPU flash kernel took 14-15 ms a layer for one 1014-token prompt and 34 ms for two with a
-padding mask (SmolLM2's 9 query heads on 3, bf16, 2 threads), over a third of the prefill, and 0.9 ms for a
-decode step of 8 rows at 1000 tokens. The kernels, with AVX512-BF16 dot products, took 5.2, 9.4 and 0.43 ms;
+padding mask (SmolLM2's 9 query heads on 3, bf16, 2 threads), over a third of the prefill, and 0.8-1.2 ms for
+a decode step of 8 rows at 1000 tokens. The kernels, with AVX512-BF16 dot products, took 5.2, 9.4 and 0.2-0.4;
 where the compiler does not target AVX512-BF16 they are left out (``Kernels.attention`` is False) and SDPA
 runs.
 
-They are compiled on first use with torch's extension builder (a C++ compiler and ninja; about 11 s on 2 cores)
+They are compiled on first use with torch's extension builder (a C++ compiler and ninja; about 20 s on 2 cores)
 for this CPU (``-march=native``), and cached under ``TORCH_EXTENSIONS_DIR`` (by default
-``~/.cache/torch_extensions``), one build per CPU, torch and Python. Where it cannot be built, the engine
+``~/.cache/torch_extensions``), one build per CPU, torch and Python. Where they cannot be built, the engine
 says why once and keeps the torch ops.
 """
 from __future__ import annotations
