@@ -1,6 +1,6 @@
 """The CPU kernels (``cpu_kernels``): built here, the LoRA kernel adds the same terms the torch ops do, in one call.
 
-The attention kernel has its own tests (``test_engine_attention_cpu``)."""
+The attention kernels have their own tests (``test_engine_attention_cpu``)."""
 from __future__ import annotations
 
 import logging

@@ -47,7 +47,6 @@ LoraAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 B transposed [slots, parts*r, out], the parts' output widths)."""
 
 
-
 @dataclass(frozen=True)
 class Kernels:
     lora_add: LoraAdd
@@ -59,7 +58,7 @@ _building = threading.Lock()
 
 
 def load() -> Kernels | None:
-    """The compiled kernels, built on the first call on this machine; None where it cannot be built."""
+    """The compiled kernels, built on the first call on this machine; None where they cannot be built."""
     with _building:  # engines loading on two threads at once: one build, and its answer for both
         return build()
 
