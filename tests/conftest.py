@@ -46,6 +46,20 @@ def run_python():
 
 
 @pytest.fixture(scope="session")
+def built_kernels():
+    """The engine's CPU kernels (``cpu_kernels``), built on this machine; skips where no C++ compiler is."""
+    import shutil
+
+    from bot.engine.local import cpu_kernels
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the engine keeps torch ops (tested elsewhere)")
+    built = cpu_kernels.load()
+    assert built is not None, "a machine with a C++ compiler builds the kernels (see the log for why not)"
+    return built
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -2,7 +2,6 @@
 prefills and decode steps, as fp32 attention gives it within bf16 rounding, and the engine runs through them."""
 from __future__ import annotations
 
-import shutil
 from functools import partial
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine import EngineConfig
-from bot.engine.local import cpu_kernels
 from bot.engine.local.attention import KERNEL
 from bot.engine.local.kvbatch import DecodeBatch
 from bot.engine.local.runtime import Runtime
@@ -19,12 +17,8 @@ from tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the engine keeps SDPA (tested elsewhere)")
-    built = cpu_kernels.load()
-    assert built is not None, "a machine with a C++ compiler builds the kernels (see the log for why not)"
-    if not built.attention:
+def kernel(built_kernels):
+    if not built_kernels.attention:
         pytest.skip("this CPU has no AVX512-BF16: the attention kernels are left out and SDPA runs")
     return torch.ops.personabot
 
