@@ -6,7 +6,8 @@ batch long enough) vs its LoRA term added at every layer;
 ``--compare attention``: a CPU decode step's grouped query heads packed per key/value head (``attention``)
 vs transformers' SDPA call, which passes ``enable_gqa`` where there is no padding mask;
 ``--compare kernel``: a CPU decode step's LoRA terms added by ``cpu_kernels``' kernel vs torch's matmuls;
-``--compare attention-kernel``: CPU bf16 attention by ``cpu_kernels``' kernels vs SDPA.
+``--compare attention-kernel``: CPU bf16 attention by ``cpu_kernels``' kernels vs SDPA;
+``--compare norm-kernel``: CPU bf16 RMSNorms as one op each (``norm``) vs transformers' module.
 ``--prefills`` times whole prefills instead of decode steps; ``--shorter-by N`` makes each row N tokens shorter
 than the one before (left padding: SDPA gets a mask).
 
@@ -51,7 +52,7 @@ from bot.engine.local.runtime import Runtime  # noqa: E402
 
 OPTIONS = {"fused": "fused_projections", "packed": "packed_weights", "merge": "merge",
            "attention": "decode_attention", "kernel": "lora_kernel",
-           "attention-kernel": "attention_kernel"}
+           "attention-kernel": "attention_kernel", "norm-kernel": "norm_kernel"}
 """--compare -> the ``Runtime.load`` option it turns off on one side."""
 
 

@@ -1,5 +1,6 @@
-"""The engine's CPU kernels, built from C++ on first use: a decode step's LoRA terms (``lora_cpu.cpp``) and
-causal attention for prefills and decode steps (``attention_cpu.cpp``, used by ``attention.KERNEL``).
+"""The engine's CPU kernels, built from C++ on first use: a decode step's LoRA terms (``lora_cpu.cpp``), causal
+attention for prefills and decode steps (``attention_cpu.cpp``, used by ``attention.KERNEL``) and RMSNorm
+(``norm_cpu.cpp``, used by ``norm``).
 
 LoRA terms: with torch ops, a CPU decode step of 8 rows on 8 r=16 adapters (SmolLM2, 2 threads) spent about
 10.5 ms of its 46 in LoRA terms: an A and a B matmul per part of each fused layer, each added into the bf16
@@ -37,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("lora_cpu.cpp"), Path(__file__).with_name("attention_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("lora_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp")]
 
 STALE_LOCK_S = 600
 """A build lock older than this was left by a process killed while building (torch would wait on it forever)."""
@@ -84,7 +85,7 @@ def build() -> Kernels | None:
                         extra_ldflags=["-fopenmp"], build_directory=str(root / name), is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compiler that rejects the source, no room
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        log.warning("%s: the CPU kernels could not be built (%s); LoRA terms and attention run as torch ops, a "
+        log.warning("%s: the CPU kernels could not be built (%s); LoRA terms, attention and norms run as torch ops, a "
                     "decode step 1.1-1.4x slower and a long prompt's prefill up to 1.3x (install a C++ compiler, "
                     "e.g. apt-get install g++)", ", ".join(s.name for s in SOURCES), reason)
         return None

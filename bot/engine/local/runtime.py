@@ -28,6 +28,7 @@ from .kvbatch import DecodeBatch
 from .liger import apply_liger
 from .lora import LoraSlots
 from .merged import MergedAdapter
+from .norm import fuse_rms_norms
 from .prefix import PrefixCache
 from .projections import FusedLinear, fuse_projections
 
@@ -66,13 +67,14 @@ class Runtime:
     @classmethod
     def load(cls, config: EngineConfig, fused_projections: bool = True, packed_weights: bool = True,
              merge: bool = True, decode_attention: bool = True, lora_kernel: bool = True,
-             attention_kernel: bool = True) -> Runtime:
+             attention_kernel: bool = True, norm_kernel: bool = True) -> Runtime:
         """The base ``config`` names, with its local options. ``fused_projections``: q/k/v and gate/up as one
         matmul each where that is faster (``projections``); ``packed_weights``: bf16 weights on a CPU laid out
         for oneDNN (``packed``); ``merge``: one adapter folded into packed weights (``merged``);
         ``decode_attention``: a CPU decode step's grouped heads packed (``attention``); ``lora_kernel``: CPU
         decode steps add their LoRA terms with ``cpu_kernels``' kernel; ``attention_kernel``: CPU bf16 attention
-        by ``cpu_kernels``' kernels (``attention.KERNEL``). All six are off only to compare."""
+        by ``cpu_kernels``' kernels (``attention.KERNEL``); ``norm_kernel``: CPU bf16 RMSNorms as one op each
+        (``norm``). All seven are off only to compare."""
         dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
         quantization, fused_kernels = config.quantization, config.fused_kernels
         ref = resolve(config.base_model or EMBEDDED_DEFAULT)
@@ -96,12 +98,14 @@ class Runtime:
         packs = packed_weights and model.device.type == "cpu" and packed.available()
         packs = packs and packed.pack_linears(model, projections) > 0
         kernels = None
-        if (lora_kernel or attention_kernel) and model.device.type == "cpu" and compute in (torch.bfloat16,
-                                                                                          torch.float32):
+        if (lora_kernel or attention_kernel or norm_kernel) and model.device.type == "cpu" and compute in (
+                torch.bfloat16, torch.float32):
             kernels = cpu_kernels.load()
         kernel = kernels.lora_add if kernels is not None and lora_kernel else None
         if attention_kernel and decode_attention and kernels is not None and kernels.attention:
             model.set_attn_implementation(KERNEL)
+        if norm_kernel and kernels is not None:
+            fuse_rms_norms(model)
         return cls(model, tokenizer, info, config.prefix_cache_mb * 2**20, config.cuda_graphs, fused, projections,
                    merge=merge and packs, lora_kernel=kernel)
 
