@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -184,7 +185,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   if (Lq == 0) return out;
   const at::Tensor start_t = starts.contiguous();
   const int64_t* start = start_t.data_ptr<int64_t>();
-  std::vector<uint16_t> kpack(B * KV * blocks * KB * D), vpack(kpack.size());
+  // not zeroed here: pack_block writes (or zeroes) every element of its block, in parallel
+  const int64_t packed_size = B * KV * blocks * KB * D;
+  std::unique_ptr<uint16_t[]> kpack(new uint16_t[packed_size]), vpack(new uint16_t[packed_size]);
   const auto* kd = reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>());
   const auto* vd = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
   at::parallel_for(0, B * KV * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -192,7 +195,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
       const int64_t b = i / (KV * blocks), h = i / blocks % KV, kb = i % blocks;
       pack_block(kd + b * k.stride(0) + h * k.stride(1) + kb * KB * k.stride(2), k.stride(2),
                  vd + b * v.stride(0) + h * v.stride(1) + kb * KB * v.stride(2), v.stride(2),
-                 std::min(KB, T - kb * KB), D, kpack.data() + i * KB * D, vpack.data() + i * KB * D);
+                 std::min(KB, T - kb * KB), D, kpack.get() + i * KB * D, vpack.get() + i * KB * D);
     }
   });
   const auto* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
@@ -228,9 +231,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
         const int64_t j0 = kb * KB;
         const bool full = j0 >= s0 && j0 + KB - 1 <= lowest;
         for (int64_t r0 = 0; r0 < t.rows; r0 += R) {
-          scores(t, r0, kpack.data() + packed + j0 * D, D);
+          scores(t, r0, kpack.get() + packed + j0 * D, D);
           softmax(t, r0, j0, s0, full, sc, D);
-          weigh(t, r0, vpack.data() + packed + j0 * D, D);
+          weigh(t, r0, vpack.get() + packed + j0 * D, D);
         }
       }
       for (int64_t row = 0; row < real; ++row) {
